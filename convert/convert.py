@@ -1,0 +1,159 @@
+"""Convert a Hugging Face diffusers-layout checkpoint into qwen-mlx's MLX layout.
+
+Each component with a converter module here (``convert/<component>.py``) is converted shard by
+shard through that module's pure functions:
+
+    convert_weights(weights: dict[str, mx.array], config: dict, options) -> dict[str, mx.array]
+    convert_config(config: dict, options) -> dict   # may add keys under config["qwen_mlx"]
+
+Everything else (tokenizer, scheduler, processor) is copied. The output is written to a
+temporary sibling folder and renamed into place, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+from .errors import ConversionError
+from .io import iter_weights, read_json, save_shard, write_index
+from .options import FORMAT_VERSION, ConvertOptions
+
+CONVERTED_COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+def component_module(name: str) -> ModuleType | None:
+    """The converter module for a component folder, or None if it is copied as is."""
+    if name not in CONVERTED_COMPONENTS:
+        return None
+    try:
+        return importlib.import_module(f"convert.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"convert.{name}":
+            return None
+        raise
+
+
+def is_converted(path: Path) -> bool:
+    """True when ``path`` is a qwen-mlx converted checkpoint (or component folder)."""
+    path = Path(path)
+    for meta in (path / "model_index.json", path / "config.json"):
+        if meta.is_file():
+            try:
+                return "qwen_mlx" in json.loads(meta.read_text())
+            except json.JSONDecodeError:
+                return False
+    return False
+
+
+def _converted_config(module: ModuleType, config: dict, options: ConvertOptions, src: Path) -> dict:
+    config = module.convert_config(dict(config), options)
+    section = {"format_version": FORMAT_VERSION, "dtype": options.dtype, "source": str(src)}
+    section.update(config.get("qwen_mlx", {}))
+    config["qwen_mlx"] = section
+    return config
+
+
+def iter_converted_component(
+    folder: Path, options: ConvertOptions
+) -> tuple[dict, Iterator[tuple[str, dict[str, mx.array]]]]:
+    """(converted config, iterator of (shard stem, converted weights)) for one component folder.
+
+    Nothing is written: the pipeline uses this to load unconverted checkpoints in memory.
+    """
+    folder = Path(folder)
+    module = component_module(folder.name)
+    if module is None:
+        raise ConversionError(f"no converter for component {folder.name!r}")
+    config = read_json(folder / "config.json")
+    out_config = _converted_config(module, config, options, folder)
+
+    def shards() -> Iterator[tuple[str, dict[str, mx.array]]]:
+        for path, weights in iter_weights(folder):
+            yield path.name, module.convert_weights(weights, config, options)
+
+    return out_config, shards()
+
+
+def convert_component(src: Path, dst: Path, options: ConvertOptions) -> dict:
+    """Convert one component folder into ``dst`` (which must exist). Returns its config."""
+    config, shards = iter_converted_component(src, options)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (_, weights) in enumerate(shards):
+        name = f"model-{i + 1:05d}.safetensors"
+        save_shard(dst / name, weights)
+        for k, v in weights.items():
+            weight_map[k] = name
+            total += v.nbytes
+        del weights  # free this shard before reading the next one
+    # Rename shards to the usual -of- form now that their count is known.
+    n = len(set(weight_map.values())) or 1
+    renames = {
+        f"model-{i + 1:05d}.safetensors": f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        for i in range(n)
+    }
+    for old, new in renames.items():
+        if (dst / old).exists():
+            (dst / old).rename(dst / new)
+    write_index(dst, {k: renames[v] for k, v in weight_map.items()}, total)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    options: ConvertOptions | None = None,
+    force: bool = False,
+    log=None,
+) -> Path:
+    """Convert a diffusers-layout checkpoint folder ``src`` into ``dst`` atomically."""
+    options = options or ConvertOptions()
+    src, dst = Path(src), Path(dst)
+    log = log or (lambda msg: None)
+    if not src.is_dir():
+        raise ConversionError(f"source checkpoint not found: {src}")
+    if is_converted(src):
+        raise ConversionError(f"{src} is already a qwen-mlx checkpoint")
+    index = read_json(src / "model_index.json")
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists; pass --force to overwrite it")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+        for name in components:
+            if not (src / name).is_dir():
+                raise ConversionError(f"missing component folder: {src / name}")
+        for child in sorted(src.iterdir()):
+            if child.name == "model_index.json" or child.name.startswith("."):
+                continue
+            if child.is_dir() and component_module(child.name) is not None:
+                log(f"converting {child.name}")
+                (tmp / child.name).mkdir()
+                convert_component(child, tmp / child.name, options)
+            elif child.is_dir():
+                log(f"copying {child.name}")
+                shutil.copytree(child, tmp / child.name)
+            else:
+                shutil.copy2(child, tmp / child.name)
+        index["qwen_mlx"] = {"format_version": FORMAT_VERSION, "dtype": options.dtype}
+        if options.precision:
+            index["qwen_mlx"]["precision"] = options.precision
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -1,0 +1,417 @@
+"""The Qwen-Image MMDiT: 60 dual-stream blocks with joint text/image attention.
+
+Matches diffusers' ``QwenImageTransformer2DModel``. Residual streams are float32; every linear
+computes in its weights' dtype, which the precision plan decides (see ``qwen_mlx.precision``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..precision import PrecisionPlan, plan_dtype, run_linear
+
+F32 = mx.float32
+
+
+@dataclass
+class TransformerConfig:
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int | None = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    guidance_embeds: bool = False
+    zero_cond_t: bool = False
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformerConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.axes_dims_rope = tuple(cfg.axes_dims_rope)
+        unsupported = [
+            k
+            for k in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+            if getattr(cfg, k)
+        ]
+        if unsupported:
+            raise ValueError(f"transformer config uses features not supported yet: {unsupported}")
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim "
+                f"{cfg.attention_head_dim}"
+            )
+        return cfg
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.patch_size**2 * (self.out_channels or self.in_channels)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(sigma: mx.array, dim: int = 256) -> mx.array:
+    """Sinusoidal embedding of sigma*1000 as [cos, sin] (diffusers' Timesteps, flip_sin_to_cos)."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(10000.0) * mx.arange(half, dtype=F32) / half)
+    args = (sigma.astype(F32)[:, None] * freqs[None]) * 1000.0
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, sigma: mx.array) -> mx.array:
+        x = run_linear(self.linear_1, timestep_embedding(sigma))
+        return run_linear(self.linear_2, nn.silu(x)).astype(F32)
+
+
+def _axis_angles(positions: np.ndarray, dim: int, theta: float) -> np.ndarray:
+    """Rotation angles for one RoPE axis, in float32 exactly as diffusers computes them."""
+    inv = 1.0 / np.power(
+        np.float32(theta), np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    )
+    return np.outer(positions.astype(np.float32), inv.astype(np.float32)).astype(np.float32)
+
+
+@lru_cache(maxsize=32)
+def rope_tables(
+    image_shapes: tuple[tuple[int, int, int], ...],
+    text_len: int,
+    axes_dims: tuple[int, int, int],
+    theta: float,
+) -> tuple[mx.array, mx.array]:
+    """cos and sin, shape (text_len + image tokens, 1, head_dim/2), for [text; images] order.
+
+    Image j sits at frame j (+ its own frame index); heights and widths are centred; text token i
+    sits at (m+i, m+i, m+i) with m the largest half-side over the images.
+    """
+    blocks, offset = [], 0
+    for j, (f, h, w) in enumerate(image_shapes):
+        frame = np.arange(j, j + f)
+        rows = np.arange(-(h - h // 2), h // 2)
+        cols = np.arange(-(w - w // 2), w // 2)
+        grid = np.stack(np.meshgrid(frame, rows, cols, indexing="ij"), axis=-1).reshape(-1, 3)
+        blocks.append(grid)
+        offset = max(offset, h // 2, w // 2)
+    text = np.repeat(np.arange(offset, offset + text_len)[:, None], 3, axis=1)
+    pos = np.concatenate([text, *blocks], axis=0)
+    angles = np.concatenate(
+        [_axis_angles(pos[:, a], axes_dims[a], theta) for a in range(3)], axis=1
+    )
+    cos = np.cos(angles.astype(np.float64)).astype(np.float32)[:, None, :]
+    sin = np.sin(angles.astype(np.float64)).astype(np.float32)[:, None, :]
+    return mx.array(cos), mx.array(sin)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) of x (B, S, H, D) in float32."""
+    shape = x.shape
+    xf = x.astype(F32).reshape(*shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def layer_norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    return mx.fast.layer_norm(x, None, None, eps)
+
+
+class JointAttention(nn.Module):
+    """Joint attention over [text; image] with per-stream projections and q/k RMSNorm."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (
+            nn.Linear(dim, inner) for _ in range(3)
+        )
+        self.to_out = nn.Linear(inner, dim)
+        self.to_add_out = nn.Linear(inner, dim)
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps), nn.RMSNorm(head_dim, eps)
+        self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps), nn.RMSNorm(head_dim, eps)
+
+    def _heads(self, x: mx.array) -> mx.array:
+        return x.reshape(*x.shape[:2], self.heads, self.head_dim)
+
+    def __call__(
+        self,
+        img: mx.array,
+        txt: mx.array,
+        mask: mx.array | None,
+        rope: tuple[mx.array, mx.array],
+    ) -> tuple[mx.array, mx.array]:
+        B, T = txt.shape[:2]
+        v = mx.concatenate(
+            [
+                self._heads(run_linear(self.add_v_proj, txt)),
+                self._heads(run_linear(self.to_v, img)),
+            ],
+            axis=1,
+        )
+        dtype = v.dtype  # attention runs in the value path's dtype
+        q = mx.concatenate(
+            [
+                self.norm_added_q(self._heads(run_linear(self.add_q_proj, txt))),
+                self.norm_q(self._heads(run_linear(self.to_q, img))),
+            ],
+            axis=1,
+        )
+        k = mx.concatenate(
+            [
+                self.norm_added_k(self._heads(run_linear(self.add_k_proj, txt))),
+                self.norm_k(self._heads(run_linear(self.to_k, img))),
+            ],
+            axis=1,
+        )
+        q, k = apply_rope(q, *rope).astype(dtype), apply_rope(k, *rope).astype(dtype)
+        out = mx.fast.scaled_dot_product_attention(
+            q.transpose(0, 2, 1, 3),
+            k.transpose(0, 2, 1, 3),
+            v.transpose(0, 2, 1, 3),
+            scale=self.head_dim**-0.5,
+            mask=mask,
+        )
+        out = out.transpose(0, 2, 1, 3).reshape(B, -1, self.heads * self.head_dim)
+        txt_out = run_linear(self.to_add_out, out[:, :T]).astype(F32)
+        img_out = run_linear(self.to_out, out[:, T:]).astype(F32)
+        return img_out, txt_out
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.in_scale = 1.0  # set by the precision plan
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.in_scale == 1.0:
+            h = run_linear(self.up, x)
+        else:  # the plan computes the up-projection on x / s and undoes it in float32
+            h = run_linear(self.up, x * (1.0 / self.in_scale)).astype(F32) * self.in_scale
+        return run_linear(self.down, nn.gelu_approx(h)).astype(F32)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return x * (1 + scale) + shift
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.img_mod = nn.Linear(dim, 6 * dim)
+        self.txt_mod = nn.Linear(dim, 6 * dim)
+        self.attn = JointAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps)
+        self.img_mlp = FeedForward(dim, 4 * dim)
+        self.txt_mlp = FeedForward(dim, 4 * dim)
+        self.eps = cfg.eps
+
+    def __call__(
+        self,
+        img: mx.array,
+        txt: mx.array,
+        temb_act: mx.array,
+        mask: mx.array | None,
+        rope: tuple[mx.array, mx.array],
+    ) -> tuple[mx.array, mx.array]:
+        img_mod = mx.split(run_linear(self.img_mod, temb_act).astype(F32)[:, None], 6, axis=-1)
+        txt_mod = mx.split(run_linear(self.txt_mod, temb_act).astype(F32)[:, None], 6, axis=-1)
+        shift, scale, gate = img_mod[:3]
+        t_shift, t_scale, t_gate = txt_mod[:3]
+        img_attn, txt_attn = self.attn(
+            modulate(layer_norm(img, self.eps), shift, scale),
+            modulate(layer_norm(txt, self.eps), t_shift, t_scale),
+            mask,
+            rope,
+        )
+        img = img + gate * img_attn
+        txt = txt + t_gate * txt_attn
+
+        shift, scale, gate = img_mod[3:]
+        img = img + gate * self.img_mlp(modulate(layer_norm(img, self.eps), shift, scale))
+        shift, scale, gate = txt_mod[3:]
+        txt = txt + gate * self.txt_mlp(modulate(layer_norm(txt, self.eps), shift, scale))
+        return img, txt
+
+
+class OutputNorm(nn.Module):
+    """AdaLayerNormContinuous: note its (scale, shift) order."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.eps = eps
+
+    def __call__(self, x: mx.array, temb_act: mx.array) -> mx.array:
+        scale, shift = mx.split(run_linear(self.linear, temb_act).astype(F32)[:, None], 2, axis=-1)
+        return modulate(layer_norm(x, self.eps), shift, scale)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _normalize_shapes(img_shapes, batch: int) -> tuple[tuple[int, int, int], ...]:
+    if img_shapes is None or len(img_shapes) == 0:
+        raise ValueError("img_shapes is required: a (frames, h, w) per batch item")
+    items = []
+    for item in img_shapes:
+        if len(item) == 3 and all(isinstance(v, (int, np.integer)) for v in item):
+            item = [item]
+        items.append(tuple(tuple(int(v) for v in s) for s in item))
+    if any(it != items[0] for it in items):
+        raise ValueError(f"every batch item must share one image layout, got {items}")
+    return items[0]
+
+
+class QwenImageTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim = cfg.inner_dim
+        self.time_embed = TimestepEmbedder(dim)
+        self.txt_norm = nn.RMSNorm(cfg.joint_attention_dim, eps=1e-6)
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
+        self.blocks = [TransformerBlock(cfg) for _ in range(cfg.num_layers)]
+        self.norm_out = OutputNorm(dim, 1e-6)
+        self.proj_out = nn.Linear(dim, cfg.output_channels)
+        self.plan = PrecisionPlan.uniform("float32", cfg.num_layers)
+
+    # -- loading
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, plan: PrecisionPlan | str | None = None
+    ) -> QwenImageTransformer:
+        """Load a converted ``transformer/`` folder. ``plan`` overrides the stored precision
+        (a PrecisionPlan, or a dtype name for a uniform plan)."""
+        from convert.io import load_folder, read_json
+
+        path = Path(path)
+        config = read_json(path / "config.json")
+        model = cls(TransformerConfig.from_dict(config))
+        weights = load_folder(path)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise ValueError(f"{path}: weights do not match the config: {e}") from e
+        if isinstance(plan, str):
+            plan = PrecisionPlan.uniform(plan, model.config.num_layers)
+        model.apply_plan(plan or PrecisionPlan.from_config(config, model.config.num_layers))
+        return model
+
+    def apply_plan(self, plan: PrecisionPlan) -> None:
+        """Store every weight in the dtype the plan gives it and set the plan's constants."""
+        if len(plan.layers) != self.config.num_layers:
+            raise ValueError(f"plan has {len(plan.layers)} layers, model {self.config.num_layers}")
+        params = tree_flatten(self.parameters())
+        cast = [
+            (k, v.astype(plan_dtype(plan, k))) for k, v in params if v.dtype != plan_dtype(plan, k)
+        ]
+        if cast:
+            self.update(tree_unflatten(cast))
+        for block, layer in zip(self.blocks, plan.layers, strict=True):
+            for norm in (
+                block.attn.norm_q,
+                block.attn.norm_k,
+                block.attn.norm_added_q,
+                block.attn.norm_added_k,
+            ):
+                norm.eps = layer.qk_norm_eps
+            block.img_mlp.in_scale = block.txt_mlp.in_scale = layer.ffn_in_scale
+        self.plan = plan
+
+    # -- forward
+
+    def __call__(
+        self,
+        hidden_states: mx.array,
+        encoder_hidden_states: mx.array,
+        encoder_hidden_states_mask: mx.array | None,
+        timestep: mx.array,
+        img_shapes,
+    ) -> mx.array:
+        """Predict the flow velocity for packed latents.
+
+        hidden_states (B, L, in_channels), encoder_hidden_states (B, T, joint_attention_dim),
+        encoder_hidden_states_mask (B, T) of 0/1 or None, timestep (B,) sigma in [0, 1],
+        img_shapes a (frames, h, w) (or a list of them) per batch item. Returns (B, L, out)
+        float32 for all L image tokens.
+        """
+        cfg = self.config
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"hidden_states must be (B, L, {cfg.in_channels}), got {tuple(hidden_states.shape)}"
+            )
+        B, L, _ = hidden_states.shape
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != B
+            or (encoder_hidden_states.shape[-1] != cfg.joint_attention_dim)
+        ):
+            raise ValueError(
+                f"encoder_hidden_states must be ({B}, T, {cfg.joint_attention_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        T = encoder_hidden_states.shape[1]
+        shapes = _normalize_shapes(img_shapes, B)
+        if sum(f * h * w for f, h, w in shapes) != L:
+            raise ValueError(
+                f"img_shapes {list(shapes)} describe a different token count than L={L}"
+            )
+        timestep = mx.broadcast_to(mx.array(timestep, dtype=F32).reshape(-1), (B,))
+
+        mask = None
+        if encoder_hidden_states_mask is not None:
+            if tuple(encoder_hidden_states_mask.shape) != (B, T):
+                raise ValueError(
+                    f"encoder_hidden_states_mask must be ({B}, {T}), "
+                    f"got {tuple(encoder_hidden_states_mask.shape)}"
+                )
+            keys = mx.concatenate(
+                [encoder_hidden_states_mask.astype(mx.bool_), mx.ones((B, L), dtype=mx.bool_)],
+                axis=1,
+            )
+            mask = keys[:, None, None, :]
+
+        rope = rope_tables(shapes, T, cfg.axes_dims_rope, cfg.rope_theta)
+        img = run_linear(self.img_in, hidden_states).astype(F32)
+        txt_normed = self.txt_norm(encoder_hidden_states.astype(self.txt_norm.weight.dtype))
+        txt = run_linear(self.txt_in, txt_normed).astype(F32)
+        temb_act = nn.silu(self.time_embed(timestep))
+
+        for block in self.blocks:
+            img, txt = block(img, txt, temb_act, mask, rope)
+
+        return run_linear(self.proj_out, self.norm_out(img, temb_act)).astype(F32)
