@@ -319,13 +319,22 @@ class QwenImageTransformer(nn.Module):
         from convert.io import load_folder, read_json
 
         path = Path(path)
-        config = read_json(path / "config.json")
+        return cls.from_weights(read_json(path / "config.json"), load_folder(path), plan, str(path))
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: dict,
+        weights: dict[str, mx.array],
+        plan: PrecisionPlan | str | None = None,
+        where: str = "transformer",
+    ) -> QwenImageTransformer:
+        """Build from a converted config and name->array weights (already in MLX naming)."""
         model = cls(TransformerConfig.from_dict(config))
-        weights = load_folder(path)
         try:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as e:
-            raise ValueError(f"{path}: weights do not match the config: {e}") from e
+            raise ValueError(f"{where}: weights do not match the config: {e}") from e
         if isinstance(plan, str):
             plan = PrecisionPlan.uniform(plan, model.config.num_layers)
         model.apply_plan(plan or PrecisionPlan.from_config(config, model.config.num_layers))
