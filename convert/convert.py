@@ -5,6 +5,7 @@ shard through that module's pure functions:
 
     convert_weights(weights: dict[str, mx.array], config: dict, options) -> dict[str, mx.array]
     convert_config(config: dict, options) -> dict   # may add keys under config["qwen_mlx"]
+    prepare_options(folder: Path, options) -> options  # optional: fill options from the folder
 
 Everything else (tokenizer, scheduler, processor) is copied. The output is written to a
 temporary sibling folder and renamed into place, so a failed run leaves nothing behind.
@@ -73,6 +74,9 @@ def iter_converted_component(
     if module is None:
         raise ConversionError(f"no converter for component {folder.name!r}")
     config = read_json(folder / "config.json")
+    prepare = getattr(module, "prepare_options", None)
+    if prepare is not None:  # e.g. the transformer detects its model variant from the folder
+        options = prepare(folder, options)
     out_config = _converted_config(module, config, options, folder)
 
     def shards() -> Iterator[tuple[str, dict[str, mx.array]]]:

@@ -5,17 +5,33 @@ One mechanism, driven by data:
 * the residual streams (image and text) are always float32;
 * every linear computes in the dtype its weights are stored in (its input is cast to that dtype
   and its output cast back to float32 before it touches a residual);
-* a plan says, per block, which dtype each group of weights is stored in, the q/k RMSNorm eps
-  (which absorbs a folded q/k/v input scale), and any run-time FFN-input scale.
+* a plan says, per block, which dtype each group of weights is stored in, the constants folded
+  into its weights (q/k/v input, attention-output and FFN-output scales), the q/k RMSNorm eps
+  (which absorbs the q/k/v input scale), and any run-time FFN-input scale.
 
 The converter uses the same plan to store (and fold) weights; ``apply_plan`` casts a loaded model
-to it, so a float32 checkpoint can run under a bf16 plan without re-converting.
+to it (folding an unfolded model on the way), so a float32 checkpoint can run under a bf16 or an
+fp16 plan without re-converting.
+
+Plans by name (``make_plan``):
+
+* ``fp32`` / ``bf16``: every weight in that dtype, nothing folded;
+* ``fp16``: every weight in float16, each branch computed in a down-scaled domain (the scales of
+  the variant's row in ``SCALES``) and scaled back up in float32, so the residual stream may grow
+  far past 65504 (Qwen-Image's reaches ~2e7) without any float16 tensor overflowing;
+* ``mixed``: float16 for most weights, bfloat16 (range of float32) without scaling for the
+  overflow-critical groups (v, attention out-projections, FFN down-projections);
+* ``float32`` / ``bfloat16`` / ``float16``: uniform plans by dtype name (``float16`` is plain
+  float16 with no scaling: it overflows on the released models and is there for comparison).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -29,18 +45,80 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # The weight groups of a block a plan can place in different dtypes.
 BLOCK_GROUPS = ("mod", "qkv", "v", "attn_out", "ffn_up", "ffn_down")
 
+# Plan names make_plan understands (besides the dtype names and "auto").
+PLAN_NAMES = ("fp32", "bf16", "fp16", "mixed")
+# The groups whose outputs overflow float16 on the released models (see REFERENCE.md).
+OVERFLOW_GROUPS = ("v", "attn_out", "ffn_down")
+
+
+# ----------------------------------------------------------------------------- scale tables
+
+
+@dataclass(frozen=True)
+class VariantScales:
+    """The FP16 plan's constants for one model variant (powers of two: folding is exact).
+
+    ``attn_out`` and ``ffn_out`` are (early, late); the late value applies to the last
+    ``attn_late`` / ``ffn_late`` blocks (layers 44-59 and 59 of the 60-layer model), counted from
+    the last block so that shallower models get the same treatment.
+    """
+
+    qkv_in: float  # q/k/v input divided by this (folded into mod1 shift/scale, q/k/v biases)
+    attn_out: tuple[float, float]  # attention output divided by this (folded into v, out bias)
+    ffn_out: tuple[float, float]  # FFN output divided by this (folded into the down-projection)
+    ffn_in: float = 1.0  # FFN input divided by this in float16, undone in float32 before GELU
+    attn_late: int = 16
+    ffn_late: int = 1
+
+    def attn_scale(self, layer: int, num_layers: int) -> float:
+        return self.attn_out[1] if layer >= num_layers - self.attn_late else self.attn_out[0]
+
+    def ffn_scale(self, layer: int, num_layers: int) -> float:
+        return self.ffn_out[1] if layer >= num_layers - self.ffn_late else self.ffn_out[0]
+
+
+_EDIT_PLUS = VariantScales(qkv_in=8, attn_out=(4, 32), ffn_out=(32, 512))
+SCALES: dict[str, VariantScales] = {
+    "qwen-image": VariantScales(qkv_in=8, attn_out=(2, 16), ffn_out=(16, 256)),
+    "qwen-image-edit": VariantScales(qkv_in=8, attn_out=(2, 16), ffn_out=(32, 512)),
+    "qwen-image-edit-2509": _EDIT_PLUS,
+    "qwen-image-edit-2511": _EDIT_PLUS,
+    "qwen-image-2512": VariantScales(qkv_in=16, attn_out=(4, 32), ffn_out=(32, 512), ffn_in=2),
+}
+VARIANTS = tuple(SCALES)
+DEFAULT_VARIANT = "qwen-image"
+
+
+# ----------------------------------------------------------------------------- plans
+
 
 @dataclass(frozen=True)
 class LayerPrecision:
-    """How one transformer block stores its weights and computes."""
+    """How one transformer block stores its weights and computes.
+
+    The scales are folded into the weights (see ``fold_weight``) except ``ffn_in_scale``, whose
+    bias part is folded and whose input part is a run-time multiply (GELU is not linear).
+    """
 
     dtypes: dict[str, str] = field(default_factory=dict)  # group -> dtype name
     default: str = "float32"
     qk_norm_eps: float = 1e-6
     ffn_in_scale: float = 1.0  # FFN input computed / scale, undone in float32 before the GELU
+    qkv_scale: float = 1.0  # q/k/v input / s
+    attn_out_scale: float = 1.0  # attention output / p
+    ffn_out_scale: float = 1.0  # FFN output / f
 
     def dtype(self, group: str) -> mx.Dtype:
         return DTYPES[self.dtypes.get(group, self.default)]
+
+    @property
+    def folds(self) -> tuple[float, float, float, float]:
+        """The constants baked into this block's weights: (s, p, f, FFN input)."""
+        return (self.qkv_scale, self.attn_out_scale, self.ffn_out_scale, self.ffn_in_scale)
+
+    @property
+    def folded(self) -> bool:
+        return self.folds != (1.0, 1.0, 1.0, 1.0)
 
     def to_dict(self) -> dict:
         return {
@@ -48,6 +126,9 @@ class LayerPrecision:
             "default": self.default,
             "qk_norm_eps": self.qk_norm_eps,
             "ffn_in_scale": self.ffn_in_scale,
+            "qkv_scale": self.qkv_scale,
+            "attn_out_scale": self.attn_out_scale,
+            "ffn_out_scale": self.ffn_out_scale,
         }
 
     @classmethod
@@ -57,6 +138,9 @@ class LayerPrecision:
             default=d.get("default", "float32"),
             qk_norm_eps=float(d.get("qk_norm_eps", 1e-6)),
             ffn_in_scale=float(d.get("ffn_in_scale", 1.0)),
+            qkv_scale=float(d.get("qkv_scale", 1.0)),
+            attn_out_scale=float(d.get("attn_out_scale", 1.0)),
+            ffn_out_scale=float(d.get("ffn_out_scale", 1.0)),
         )
 
 
@@ -67,6 +151,7 @@ class PrecisionPlan:
     name: str
     layers: tuple[LayerPrecision, ...]
     outer: str = "float32"  # embedders, txt_norm, norm_out, proj_out
+    variant: str | None = None  # the model variant whose scale table the plan uses
 
     @classmethod
     def uniform(cls, dtype: str, num_layers: int, eps: float = 1e-6) -> PrecisionPlan:
@@ -78,9 +163,58 @@ class PrecisionPlan:
     def layer(self, i: int) -> LayerPrecision:
         return self.layers[i]
 
+    @property
+    def folded(self) -> bool:
+        """True when the plan bakes constants into the weights."""
+        return any(layer.folded for layer in self.layers)
+
+    def same_folds(self, other: PrecisionPlan) -> bool:
+        """True when weights folded for ``self`` are exactly right for ``other`` too."""
+        return len(self.layers) == len(other.layers) and all(
+            all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(a.folds, b.folds, strict=True))
+            for a, b in zip(self.layers, other.layers, strict=True)
+        )
+
+    def with_dtype(self, dtype: str) -> PrecisionPlan:
+        """The same plan (same constants) with every weight in ``dtype``: e.g. float32, to check
+        that folding is exact or to keep a full-precision master copy."""
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        layers = tuple(replace(layer, dtypes={}, default=dtype) for layer in self.layers)
+        return replace(self, layers=layers, outer=dtype)
+
+    def storage_dtype(self) -> str:
+        """The one dtype every weight is stored in, or "mixed"."""
+        names = {self.outer}
+        for layer in self.layers:
+            names.update(layer.dtypes.get(g, layer.default) for g in BLOCK_GROUPS)
+        return names.pop() if len(names) == 1 else "mixed"
+
+    def describe(self) -> str:
+        """One line for ``qwen-mlx info`` and logs."""
+        text = f"{self.name} (weights {self.storage_dtype()}"
+        if self.variant:
+            text += f", variant {self.variant}"
+        if self.folded:
+            first, last = self.layers[0], self.layers[-1]
+
+            def span(a: float, b: float) -> str:
+                return f"/{a:g}" if a == b else f"/{a:g} to /{b:g}"
+
+            parts = [
+                (first.qkv_scale, last.qkv_scale, "q/k/v input"),
+                (first.attn_out_scale, last.attn_out_scale, "attention out"),
+                (first.ffn_in_scale, last.ffn_in_scale, "FFN in"),
+                (first.ffn_out_scale, last.ffn_out_scale, "FFN out"),
+            ]
+            folded = [f"{what} {span(a, b)}" for a, b, what in parts if (a, b) != (1, 1)]
+            text += "; folded " + ", ".join(folded)
+        return text + ")"
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
+            "variant": self.variant,
             "outer": self.outer,
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -91,6 +225,7 @@ class PrecisionPlan:
             name=d["name"],
             outer=d.get("outer", "float32"),
             layers=tuple(LayerPrecision.from_dict(x) for x in d["layers"]),
+            variant=d.get("variant"),
         )
 
     @classmethod
@@ -105,6 +240,72 @@ class PrecisionPlan:
                 )
             return plan
         return cls.uniform(section.get("dtype", "float32"), num_layers)
+
+
+def make_plan(
+    name: str, variant: str | None = None, num_layers: int = 60, eps: float = 1e-6
+) -> PrecisionPlan:
+    """A named plan for a model of ``num_layers`` blocks.
+
+    ``name``: fp32, bf16, fp16, mixed, a dtype name (float32, bfloat16, float16: uniform), or
+    auto (``auto_precision()`` for this machine). ``variant`` picks the fp16 scale table (see
+    ``SCALES``; default qwen-image); ``eps`` is the model's q/k RMSNorm eps.
+    """
+    variant = normalize_variant(variant) if variant else None
+    if name == "auto":
+        name = auto_precision()[0]
+    if name in DTYPES:
+        return replace(PrecisionPlan.uniform(name, num_layers, eps), variant=variant)
+    if name in ("fp32", "bf16"):
+        dtype = "float32" if name == "fp32" else "bfloat16"
+        return replace(PrecisionPlan.uniform(dtype, num_layers, eps), name=name, variant=variant)
+    if name not in PLAN_NAMES:
+        raise ValueError(
+            f"unknown precision {name!r}; choose one of {', '.join(PLAN_NAMES)}, auto, "
+            f"or a dtype ({', '.join(DTYPES)})"
+        )
+    variant = variant or DEFAULT_VARIANT  # the scaled plans always name their table
+    table = SCALES[variant]
+    layers = []
+    for i in range(num_layers):
+        if name == "fp16":
+            s = float(table.qkv_in)
+            layers.append(
+                LayerPrecision(
+                    default="float16",
+                    qk_norm_eps=eps / (s * s),  # q, k come out of their RMSNorm exact
+                    ffn_in_scale=float(table.ffn_in),
+                    qkv_scale=s,
+                    attn_out_scale=float(table.attn_scale(i, num_layers)),
+                    ffn_out_scale=float(table.ffn_scale(i, num_layers)),
+                )
+            )
+        else:  # mixed: no scaling where bf16 takes the range; the fp16 up-projection keeps its
+            # input scale (2512), which costs one multiply and folds exactly.
+            layers.append(
+                LayerPrecision(
+                    dtypes={g: "bfloat16" for g in OVERFLOW_GROUPS},
+                    default="float16",
+                    qk_norm_eps=eps,
+                    ffn_in_scale=float(table.ffn_in),
+                )
+            )
+    return PrecisionPlan(name=name, layers=tuple(layers), outer="float16", variant=variant)
+
+
+def resolve_plan(
+    plan: PrecisionPlan | str | None,
+    num_layers: int,
+    variant: str | None = None,
+    eps: float = 1e-6,
+) -> PrecisionPlan | None:
+    """A PrecisionPlan from a plan, a plan/dtype name (see ``make_plan``) or None."""
+    if plan is None or isinstance(plan, PrecisionPlan):
+        return plan
+    return make_plan(plan, variant, num_layers, eps)
+
+
+# ----------------------------------------------------------------------------- linears
 
 
 def compute_dtype(layer) -> mx.Dtype:
@@ -147,3 +348,216 @@ def plan_dtype(plan: PrecisionPlan, name: str) -> mx.Dtype:
     if layer is None:
         return DTYPES[plan.outer]
     return plan.layer(layer).dtype(group)
+
+
+# ----------------------------------------------------------------------------- folding
+
+_QK_BIAS = re.compile(r"^blocks\.\d+\.attn\.(to_q|to_k|add_q_proj|add_k_proj)\.bias$")
+_V = re.compile(r"^blocks\.\d+\.attn\.(to_v|add_v_proj)\.(weight|bias)$")
+_OUT_BIAS = re.compile(r"^blocks\.\d+\.attn\.(to_out|to_add_out)\.bias$")
+_UP_BIAS = re.compile(r"^blocks\.\d+\.(img|txt)_mlp\.up\.bias$")
+_DOWN = re.compile(r"^blocks\.\d+\.(img|txt)_mlp\.down\.(weight|bias)$")
+_MOD = re.compile(r"^blocks\.\d+\.(img|txt)_mod\.(weight|bias)$")
+
+
+def _mod_factors(layer: LayerPrecision) -> tuple[float, ...]:
+    """Row factors of the 6 modulation chunks: mod1 (shift, scale, gate), mod2 (same)."""
+    s, p, f = layer.qkv_scale, layer.attn_out_scale, layer.ffn_out_scale
+    return (1 / s, 1 / s, s * p, 1.0, 1.0, f)
+
+
+def fold_weight(name: str, w: mx.array, plan: PrecisionPlan) -> tuple[mx.array, bool]:
+    """(``w`` with the plan's constants folded in, computed in float32; whether it changed).
+
+    For a block with q/k/v input scale s, attention-output scale p, FFN output scale f and
+    FFN input scale a (see REFERENCE.md, "FP16 on Apple GPUs"):
+
+    * modulation: mod1 shift and scale chunks x 1/s (scale bias -> (bias + 1)/s - 1, so that
+      1 + scale becomes (1 + scale)/s), mod1 gate x s*p, mod2 gate x f;
+    * q/k biases x 1/s (their input is already /s; RMSNorm with eps/s^2 makes q, k exact);
+    * v weight x 1/p and bias x 1/(s*p), so attention (linear in v) comes out / (s*p);
+    * attention out-projection bias x 1/(s*p) (its weight sees the already-scaled input);
+    * FFN up bias x 1/a (the run time divides the input by a and multiplies the output back);
+    * FFN down weight and bias x 1/f.
+
+    Only the tensor's name and the plan decide the result, so conversion stays per tensor.
+    """
+    block, _ = weight_group(name)
+    if block is None:
+        return w, False
+    layer = plan.layer(block)
+    if not layer.folded:
+        return w, False
+    s, p, f, a = layer.folds
+    if _MOD.match(name):
+        factors = _mod_factors(layer)
+        if factors == (1.0,) * 6:
+            return w, False
+        dim = w.shape[0] // 6
+        rows = mx.concatenate([mx.full((dim,), c, dtype=mx.float32) for c in factors])
+        x = w.astype(mx.float32)
+        if name.endswith(".weight"):
+            return x * rows[:, None], True
+        offset = mx.concatenate(
+            [mx.full((dim,), c, dtype=mx.float32) for c in (0, 1 / s - 1, 0, 0, 0, 0)]
+        )
+        return x * rows + offset, True
+    factor = 1.0
+    if _QK_BIAS.match(name):
+        factor = 1 / s
+    elif _V.match(name):
+        factor = 1 / p if name.endswith(".weight") else 1 / (s * p)
+    elif _OUT_BIAS.match(name):
+        factor = 1 / (s * p)
+    elif _UP_BIAS.match(name):
+        factor = 1 / a
+    elif _DOWN.match(name):
+        factor = 1 / f
+    if factor == 1.0:
+        return w, False
+    return w.astype(mx.float32) * factor, True
+
+
+def fold_summary(plan: PrecisionPlan) -> list[str]:
+    """What ``fold_weight`` bakes into the weights under ``plan`` (for config.json)."""
+    if not plan.folded:
+        return []
+    out = []
+    if any(layer.qkv_scale != 1 or layer.attn_out_scale != 1 for layer in plan.layers):
+        out += [
+            "img_mod/txt_mod mod1 shift x 1/s, scale -> (1 + scale)/s - 1, gate x s*p",
+            "to_q/to_k/add_q_proj/add_k_proj bias x 1/s; q/k RMSNorm eps -> eps/s^2",
+            "to_v/add_v_proj weight x 1/p, bias x 1/(s*p)",
+            "to_out/to_add_out bias x 1/(s*p)",
+        ]
+    if any(layer.ffn_out_scale != 1 for layer in plan.layers):
+        out += ["img_mod/txt_mod mod2 gate x f", "img_mlp/txt_mlp down weight and bias x 1/f"]
+    if any(layer.ffn_in_scale != 1 for layer in plan.layers):
+        out += ["img_mlp/txt_mlp up bias x 1/a (input x 1/a and output x a at run time)"]
+    return out
+
+
+# ----------------------------------------------------------------------------- variants
+
+_DATE = re.compile(r"(?<!\d)(2509|2511|2512)(?!\d)")  # release dates in repo names
+_CLASS_VARIANTS = {
+    "QwenImageEditPlusPipeline": "qwen-image-edit-2509",
+    "QwenImageEditPipeline": "qwen-image-edit",
+    "QwenImageEditInpaintPipeline": "qwen-image-edit",
+}
+
+
+def normalize_variant(name: str) -> str:
+    """A variant name in canonical form: "Qwen/Qwen-Image-Edit-2509", "edit_2511", "2512" ..."""
+    key = re.sub(r"[\s_]+", "-", name.strip().lower()).split("/")[-1]
+    if key in SCALES:
+        return key
+    m = _DATE.search(key)
+    if m:
+        return "qwen-image-2512" if m.group(1) == "2512" else f"qwen-image-edit-{m.group(1)}"
+    if "edit" in key:
+        return "qwen-image-edit"
+    if key in ("qwen-image", "qwenimage", "base", "t2i"):
+        return "qwen-image"
+    raise ValueError(f"unknown model variant {name!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def _variant_from_name(text: str) -> str | None:
+    m = _DATE.search(text)
+    return normalize_variant(m.group(1)) if m else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def detect_variant(
+    path: str | Path | None = None, config: dict | None = None, override: str | None = None
+) -> str:
+    """The model variant of a checkpoint (a key of ``SCALES``).
+
+    In order: ``override``; a variant recorded by the converter in ``config``; a release date
+    (2509/2511/2512) in the checkpoint's folder or hub repo name (or ``_name_or_path``); the
+    pipeline class in model_index.json (``QwenImageEditPlusPipeline`` = Edit-2509/2511,
+    ``QwenImageEditPipeline`` = Edit); a transformer with ``zero_cond_t`` (2511); else qwen-image.
+    ``path`` may be the checkpoint root or its transformer/ folder.
+    """
+    if override:
+        return normalize_variant(override)
+    config = dict(config or {})
+    recorded = config.get("qwen_mlx", {}).get("variant")
+    if recorded:
+        return normalize_variant(recorded)
+    roots: list[Path] = []
+    if path is not None:
+        p = Path(path).expanduser()
+        roots = [p, p.parent] if not (p / "model_index.json").is_file() else [p]
+    index: dict = {}
+    for root in roots:
+        if (root / "model_index.json").is_file():
+            index = _read_json(root / "model_index.json")
+            break
+    # Folder names: the checkpoint's own, and the hub's models--Org--Name for snapshots.
+    names = [str(config.get("_name_or_path", "")), str(index.get("_name_or_path", ""))]
+    for root in roots:
+        parts = root.resolve().parts if root.exists() else root.parts
+        names += [part for part in parts[-4:] if "qwen" in part.lower() or part == root.name]
+    for text in names:
+        found = _variant_from_name(text)
+        if found:
+            return found
+    cls = index.get("_class_name", "")
+    if cls in _CLASS_VARIANTS:
+        return _CLASS_VARIANTS[cls]
+    if config.get("zero_cond_t"):
+        return "qwen-image-edit-2511"
+    if any("edit" in text.lower() for text in names):
+        return "qwen-image-edit"
+    return DEFAULT_VARIANT
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def _device_info() -> dict:
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:  # noqa: BLE001 - no device / old MLX: treat as unknown
+        return {}
+    return dict(info or {})
+
+
+def apple_gpu_generation(info: dict) -> int | None:
+    """The M-series generation (1 = M1 ...) of an Apple GPU from MLX's device info, or None.
+
+    MLX reports the Metal architecture name, e.g. "applegpu_g13s" (M1 Pro): G13 = M1/A14,
+    G14 = M2/A15, G15 = M3, G16 = M4, G17 = M5. Falls back to "Apple M<n>" in the device name.
+    """
+    arch = str(info.get("architecture", "")).lower()
+    m = re.search(r"applegpu_g(\d+)", arch)
+    if m:
+        return int(m.group(1)) - 12
+    m = re.search(r"\bapple\s+m(\d+)", str(info.get("device_name", "")).lower())
+    if m:
+        return int(m.group(1))
+    return None
+
+
+def auto_precision(device_info: dict | None = None) -> tuple[str, str]:
+    """(plan name, reason) for this machine, or for ``device_info`` (MLX's device_info dict).
+
+    M1/M2 GPUs emulate bfloat16 at about half float16's speed, so they get the scaled ``fp16``
+    plan; M3 and later run bfloat16 natively and get ``bf16``; anything else gets ``bf16``.
+    """
+    if device_info is None:
+        device_info = _device_info()
+    name = device_info.get("device_name") or device_info.get("architecture") or "unknown device"
+    gen = apple_gpu_generation(device_info)
+    if gen is None:
+        return "bf16", f"{name}: not an Apple GPU, bfloat16"
+    if gen <= 2:
+        return "fp16", f"{name} (M{gen} family) emulates bfloat16: float16 with folded scaling"
+    return "bf16", f"{name} (M{gen} family) runs bfloat16 natively"

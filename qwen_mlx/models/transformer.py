@@ -16,7 +16,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..precision import PrecisionPlan, plan_dtype, run_linear
+from ..precision import (
+    PrecisionPlan,
+    detect_variant,
+    fold_weight,
+    plan_dtype,
+    resolve_plan,
+    run_linear,
+)
 
 F32 = mx.float32
 
@@ -314,8 +321,9 @@ class QwenImageTransformer(nn.Module):
     def from_pretrained(
         cls, path: str | Path, plan: PrecisionPlan | str | None = None
     ) -> QwenImageTransformer:
-        """Load a converted ``transformer/`` folder. ``plan`` overrides the stored precision
-        (a PrecisionPlan, or a dtype name for a uniform plan)."""
+        """Load a converted ``transformer/`` folder. ``plan`` overrides the stored precision:
+        a PrecisionPlan, or a name (fp32, bf16, fp16, mixed, auto, or a dtype for a uniform
+        plan; see ``qwen_mlx.precision.make_plan``)."""
         from convert.io import load_folder, read_json
 
         path = Path(path)
@@ -329,27 +337,55 @@ class QwenImageTransformer(nn.Module):
         plan: PrecisionPlan | str | None = None,
         where: str = "transformer",
     ) -> QwenImageTransformer:
-        """Build from a converted config and name->array weights (already in MLX naming)."""
+        """Build from a converted config and name->array weights (already in MLX naming).
+
+        The weights are as the config's stored plan left them; a different ``plan`` is applied
+        after loading (see ``apply_plan``): unfolded weights are folded for it, folded ones are
+        refused unless ``plan`` has the very constants they were folded with.
+        """
         model = cls(TransformerConfig.from_dict(config))
         try:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as e:
             raise ValueError(f"{where}: weights do not match the config: {e}") from e
+        n = model.config.num_layers
+        model.plan = stored = PrecisionPlan.from_config(config, n)
         if isinstance(plan, str):
-            plan = PrecisionPlan.uniform(plan, model.config.num_layers)
-        model.apply_plan(plan or PrecisionPlan.from_config(config, model.config.num_layers))
+            variant = stored.variant or detect_variant(
+                where if Path(where).exists() else None, config
+            )
+            plan = resolve_plan(plan, n, variant, model.config.eps)
+        try:
+            model.apply_plan(plan or stored)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
         return model
 
     def apply_plan(self, plan: PrecisionPlan) -> None:
-        """Store every weight in the dtype the plan gives it and set the plan's constants."""
+        """Store every weight in the dtype the plan gives it and set the plan's constants.
+
+        The weights must be folded for ``plan``'s constants: a model whose weights carry no
+        folded constants is folded here (in float32, before the cast); one folded for another
+        plan is refused, since unfolding float16 weights would not give the original ones.
+        """
         if len(plan.layers) != self.config.num_layers:
             raise ValueError(f"plan has {len(plan.layers)} layers, model {self.config.num_layers}")
+        refold = not self.plan.same_folds(plan)
+        if refold and self.plan.folded:
+            raise ValueError(
+                f"the weights are folded for the {self.plan.name!r} precision plan "
+                f"({self.plan.variant or 'unknown variant'}) and only run with its constants; "
+                f"load them with plan={self.plan.name!r} (or no plan), or convert the original "
+                f"checkpoint again for {plan.name!r}"
+            )
         params = tree_flatten(self.parameters())
-        cast = [
-            (k, v.astype(plan_dtype(plan, k))) for k, v in params if v.dtype != plan_dtype(plan, k)
-        ]
-        if cast:
-            self.update(tree_unflatten(cast))
+        changed = []
+        for k, v in params:
+            new, folded = fold_weight(k, v, plan) if refold else (v, False)
+            if folded or new.dtype != plan_dtype(plan, k):
+                changed.append((k, new.astype(plan_dtype(plan, k))))
+        if changed:
+            self.update(tree_unflatten(changed))
         for block, layer in zip(self.blocks, plan.layers, strict=True):
             for norm in (
                 block.attn.norm_q,

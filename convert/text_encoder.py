@@ -1,0 +1,56 @@
+"""Qwen2.5-VL text encoder: Hugging Face weights -> qwen-mlx layout.
+
+Two source namings are accepted:
+- transformers 5: ``model.language_model.layers.*``, ``model.visual.*``, ``lm_head.weight``;
+- the released checkpoint (transformers 4.x): ``model.layers.*``, ``visual.*``, ``lm_head.weight``.
+
+Output groups: ``language_model.*`` (embed_tokens, layers, norm: what prompt encoding loads) and
+``visual.*`` (the vision tower, kept untouched for Qwen-Image-Edit). ``lm_head`` is dropped: the
+prompt embeddings are hidden states, never logits. Linear weights keep PyTorch's (out, in) layout,
+which is MLX's too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+
+from .errors import ConversionError
+from .options import ConvertOptions, cast_floats
+from .rules import Rule, rename
+
+RULES: list[Rule] = [
+    (r"^model\.language_model\.", "language_model."),  # transformers 5
+    (r"^model\.visual\.", "visual."),  # transformers 5
+    (r"^model\.", "language_model."),  # released checkpoint (model.layers, model.norm, ...)
+]
+DROP = re.compile(r"^lm_head\.|\.rotary_emb\.inv_freq$")
+GROUPS = ("language_model.", "visual.")
+
+
+def convert_weights(
+    weights: dict[str, mx.array], config: dict, options: ConvertOptions
+) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        if DROP.search(name):
+            continue
+        new = rename(name, RULES)
+        if not new.startswith(GROUPS):
+            raise ConversionError(f"unexpected text encoder weight {name!r}")
+        out[new] = value
+    return cast_floats(out, options.mx_dtype)
+
+
+def convert_config(config: dict, options: ConvertOptions) -> dict:
+    section = dict(config.get("qwen_mlx", {}))
+    section.update(
+        {
+            "folded": [],
+            "dropped": ["lm_head"],
+            "groups": {"language_model": "language model", "visual": "vision tower"},
+        }
+    )
+    config["qwen_mlx"] = section
+    return config
