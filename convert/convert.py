@@ -91,22 +91,22 @@ def convert_component(src: Path, dst: Path, options: ConvertOptions) -> dict:
     config, shards = iter_converted_component(src, options)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, (_, weights) in enumerate(shards):
-        name = f"model-{i + 1:05d}.safetensors"
+    written: list[str] = []
+    for _, weights in shards:
+        if not weights:  # e.g. a shard holding only dropped tensors
+            continue
+        name = f"model-{len(written) + 1:05d}.safetensors"
         save_shard(dst / name, weights)
+        written.append(name)
         for k, v in weights.items():
             weight_map[k] = name
             total += v.nbytes
         del weights  # free this shard before reading the next one
     # Rename shards to the usual -of- form now that their count is known.
-    n = len(set(weight_map.values())) or 1
-    renames = {
-        f"model-{i + 1:05d}.safetensors": f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        for i in range(n)
-    }
+    n = len(written)
+    renames = {old: old.replace(".safetensors", f"-of-{n:05d}.safetensors") for old in written}
     for old, new in renames.items():
-        if (dst / old).exists():
-            (dst / old).rename(dst / new)
+        (dst / old).rename(dst / new)
     write_index(dst, {k: renames[v] for k, v in weight_map.items()}, total)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return config

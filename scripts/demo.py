@@ -1,14 +1,16 @@
-"""`make demo`: build a tiny random checkpoint in the released layout, convert it, run it.
+"""`make demo`: build a tiny random Qwen-Image checkpoint in the released layout, convert it
+with the real converter, and run `qwen-mlx generate` end to end, writing a PNG.
 
-The weights are random, so the output is noise: the demo proves the path, not the picture.
+The weights are random, so the PNG is noise: the demo proves the path, not the picture. On a
+Mac with real weights the same command is `qwen-mlx generate --model Qwen/Qwen-Image ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,29 +22,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
     args = ap.parse_args()
 
-    import mlx.core as mx
-    from tiny_transformer import build_transformer, save_checkpoint
-
-    from convert import ConvertOptions, convert_checkpoint
-    from qwen_mlx.models.transformer import QwenImageTransformer
+    from tiny_pipeline import build_checkpoint
 
     shutil.rmtree(args.out, ignore_errors=True)
-    src = save_checkpoint(build_transformer("diffusers"), args.out / "hf-tiny")
+    src, _ = build_checkpoint(args.out / "hf-tiny")
     print(f"built a tiny random checkpoint in the released layout: {src}")
-    dst = convert_checkpoint(src, args.out / "mlx-tiny", ConvertOptions(dtype="float32"))
-    print(f"converted it with the real converter: {dst}")
-
-    model = QwenImageTransformer.from_pretrained(dst / "transformer")
-    h, w, T = 4, 6, 9
-    latents = mx.random.normal((1, h * w, 16), key=mx.random.key(0))
-    text = mx.random.normal((1, T, 16), key=mx.random.key(1))
-    start = time.perf_counter()
-    out = model(latents, text, None, mx.array([1.0]), [(1, h, w)])
-    mx.eval(out)
-    print(
-        f"transformer forward: in {tuple(latents.shape)} -> out {tuple(out.shape)} "
-        f"in {1e3 * (time.perf_counter() - start):.1f} ms, finite={bool(mx.isfinite(out).all())}"
-    )
+    cli = [str(Path(sys.executable).with_name("qwen-mlx"))]
+    dst = args.out / "mlx-tiny"
+    subprocess.run([*cli, "convert", str(src), str(dst), "--dtype", "float32"], check=True)
+    subprocess.run([*cli, "info", str(dst)], check=True)
+    png = args.out / "demo.png"
+    subprocess.run(
+        [*cli, "generate", "--model", str(dst), "--prompt", "a red cube on a wooden table",
+         "--width", "256", "--height", "192", "--steps", "8", "--seed", "42", "--output", str(png)],
+        check=True,
+    )  # fmt: skip
+    print(f"demo image (noise: the weights are random): {png}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""`qwen-mlx generate` and `qwen-mlx info`: PNG metadata, seeds, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from helpers import convert_tiny
+from PIL import Image
+from tiny_pipeline import build_checkpoint
+from typer.testing import CliRunner
+
+from qwen_mlx.cli import app
+
+runner = CliRunner()
+SMALL = ["--width", "32", "--height", "48", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root, _ = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
+    return convert_tiny(root, tmp_path_factory.mktemp("mlx") / "tiny")
+
+
+def generate(model, *args):
+    return runner.invoke(app, ["generate", "--model", str(model), "--prompt", "a cube", *args])
+
+
+def test_png_carries_its_parameters(model, tmp_path):
+    out = tmp_path / "img.png"
+    res = generate(model, *SMALL, "--seed", "5", "--cfg", "3.5", "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert "peak memory" in res.output and "2/2" in res.output
+    im = Image.open(out)
+    assert im.size == (32, 48)
+    meta = json.loads(im.text["qwen_mlx"])
+    assert meta["seed"] == 5 and meta["steps"] == 2 and meta["cfg"] == 3.5
+    assert meta["prompt"] == "a cube" and meta["negative_prompt"] == " "
+    assert meta["width"] == 32 and meta["height"] == 48 and meta["precision"] == "float32"
+    assert "Seed: 5" in im.text["parameters"] and "Steps: 2" in im.text["parameters"]
+    assert list(tmp_path.iterdir()) == [out]  # no temp file left
+
+
+def test_seeds_are_reproducible(model, tmp_path):
+    res = generate(model, *SMALL, "--seed", "1", "--seed", "2", "-o", str(tmp_path / "a.png"))
+    assert res.exit_code == 0, res.output
+    again = generate(model, *SMALL, "--seed", "1", "-o", str(tmp_path / "b.png"))
+    assert again.exit_code == 0, again.output
+    a1 = np.array(Image.open(tmp_path / "a-1.png"))
+    a2 = np.array(Image.open(tmp_path / "a-2.png"))
+    b = np.array(Image.open(tmp_path / "b.png"))
+    assert np.array_equal(a1, b) and not np.array_equal(a1, a2)
+
+
+def test_random_seed_is_reported(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = generate(model, *SMALL)
+    assert res.exit_code == 0, res.output
+    (png,) = list(tmp_path.glob("qwen-image-*.png"))
+    seed = json.loads(Image.open(png).text["qwen_mlx"])["seed"]
+    assert f"seed {seed}" in res.output
+
+
+def test_info(model):
+    res = runner.invoke(app, ["info", str(model)])
+    assert res.exit_code == 0, res.output
+    assert "transformer" in res.output and "B params" in res.output
+    assert "precision plan: float32" in res.output and "auto precision" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--width", "1000", "--height", "64"],
+            "width 1000 is not a multiple of 16; use 992 or 1008",
+        ),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--aspect", "5:4"], "unknown aspect '5:4'"),
+        (["--aspect", "1:1", "--width", "64"], "either --aspect or --width"),
+        (["--output", "x.jpg"], "must end in .png"),
+    ],
+)
+def test_bad_arguments(model, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    res = generate(model, *args)
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_models(model, tmp_path):
+    res = runner.invoke(app, ["generate", "--model", str(tmp_path / "missing"), "-p", "x"])
+    assert res.exit_code == 2 and "model not found" in res.output
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    shutil.rmtree(broken / "vae")
+    res = runner.invoke(app, ["generate", "--model", str(broken), "-p", "x", *SMALL])
+    assert res.exit_code == 2 and "no vae/ component" in res.output
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model, corrupt)
+    shard = sorted((corrupt / "transformer").glob("*.safetensors"))[0]
+    shard.write_bytes(b"garbage")
+    out = tmp_path / "never.png"
+    res = runner.invoke(
+        app, ["generate", "--model", str(corrupt), "-p", "x", *SMALL, "-o", str(out)]
+    )
+    assert res.exit_code == 2 and shard.name in res.output and "Traceback" not in res.output
+    assert not out.exists()
