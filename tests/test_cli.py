@@ -19,9 +19,14 @@ SMALL = ["--width", "32", "--height", "48", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root, _ = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
-    return convert_tiny(root, tmp_path_factory.mktemp("mlx") / "tiny")
+def source(tmp_path_factory):
+    """The tiny checkpoint in the released (diffusers) layout."""
+    return build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def model(source, tmp_path_factory):
+    return convert_tiny(source, tmp_path_factory.mktemp("mlx") / "tiny")
 
 
 def generate(model, *args):
@@ -109,3 +114,31 @@ def test_bad_models(model, tmp_path):
     )
     assert res.exit_code == 2 and shard.name in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("plan", ["fp16", "mixed", "bf16"])
+def test_precision_plans_convert_and_generate(source, model, tmp_path, plan):
+    """Each plan converts, loads and generates end to end, close to the float32 image."""
+    dst = tmp_path / plan
+    res = runner.invoke(app, ["convert", str(source), str(dst), "--precision", plan])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / f"{plan}.png"
+    res = generate(dst, *SMALL, "--seed", "3", "--cfg", "1", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    ref = tmp_path / "f32.png"
+    assert generate(model, *SMALL, "--seed", "3", "--cfg", "1", "-o", str(ref)).exit_code == 0
+    meta = json.loads(Image.open(out).text["qwen_mlx"])
+    assert meta["precision"] == plan
+    a = np.array(Image.open(out)).astype(float)
+    b = np.array(Image.open(ref)).astype(float)
+    # half-precision weights in a 3-model chain: within a few uint8 levels of float32
+    assert np.abs(a - b).mean() < 4.0 and b.std() > 2.0
+
+
+def test_generate_precision_override(model, tmp_path):
+    out = tmp_path / "o.png"
+    res = generate(model, *SMALL, "--seed", "3", "--precision", "fp16", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert json.loads(Image.open(out).text["qwen_mlx"])["precision"] == "fp16"
+    res = generate(model, *SMALL, "--precision", "int4", "-o", str(tmp_path / "x.png"))
+    assert res.exit_code == 2 and "int4" in res.output and not (tmp_path / "x.png").exists()
