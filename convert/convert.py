@@ -18,10 +18,13 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
+
+from qwen_mlx.precision import component_dtype
 
 from .errors import ConversionError
 from .io import iter_weights, read_json, save_shard, write_index
@@ -77,6 +80,9 @@ def iter_converted_component(
     prepare = getattr(module, "prepare_options", None)
     if prepare is not None:  # e.g. the transformer detects its model variant from the folder
         options = prepare(folder, options)
+    if options.precision:  # the plan also decides the VAE's and the text encoder's dtype
+        dtype = component_dtype(options.precision, folder.name)
+        options = replace(options, dtype=dtype) if dtype else options
     out_config = _converted_config(module, config, options, folder)
 
     def shards() -> Iterator[tuple[str, dict[str, mx.array]]]:

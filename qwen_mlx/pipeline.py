@@ -18,7 +18,7 @@ import numpy as np
 from convert.io import read_json
 
 from .loading import ModelSource, resolve
-from .precision import PrecisionPlan
+from .precision import PrecisionPlan, auto_precision, component_dtype
 from .sampler import SchedulerConfig, euler_step, schedule, true_cfg
 
 PATCH = 2
@@ -86,6 +86,10 @@ class QwenImagePipeline:
         scheduler_overrides: dict | None = None,
     ):
         self.source = source
+        if precision == "auto":
+            precision, _ = auto_precision()
+        if isinstance(precision, str):
+            component_dtype(precision, "vae")  # an unknown name fails here, before any work
         self.precision = precision
         self.scheduler_config = SchedulerConfig.from_pretrained(
             source.root / "scheduler", **(scheduler_overrides or {})
@@ -134,7 +138,7 @@ class QwenImagePipeline:
         if "vae" not in self._components:
             from .models.vae import QwenImageVAE, VAEConfig
 
-            config, weights = self.source.component("vae")
+            config, weights = self._component_weights("vae")
             vae = QwenImageVAE(VAEConfig.from_dict(config))
             try:
                 vae.load_weights(list(weights.items()), strict=True)
@@ -148,11 +152,22 @@ class QwenImagePipeline:
         if "text_encoder" not in self._components:
             from .models.text_encoder import QwenTextEncoder
 
-            config, weights = self.source.component("text_encoder")
+            config, weights = self._component_weights("text_encoder")
             self._components["text_encoder"] = QwenTextEncoder.from_weights(
                 config, weights, self.source.root / "tokenizer"
             )
         return self._components["text_encoder"]
+
+    def _component_weights(self, name: str) -> tuple[dict, dict[str, mx.array]]:
+        """A component's weights, cast to the dtype the precision plan gives it (if any)."""
+        config, weights = self.source.component(name)
+        if isinstance(self.precision, str):
+            dtype = getattr(mx, component_dtype(self.precision, name))
+            weights = {
+                k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                for k, v in weights.items()
+            }
+        return config, weights
 
     def free(self, *names: str) -> None:
         """Drop components (all when none named) and return their memory to the system."""

@@ -561,3 +561,32 @@ def auto_precision(device_info: dict | None = None) -> tuple[str, str]:
     if gen <= 2:
         return "fp16", f"{name} (M{gen} family) emulates bfloat16: float16 with folded scaling"
     return "bf16", f"{name} (M{gen} family) runs bfloat16 natively"
+
+
+# ----------------------------------------------------------------------------- other components
+
+# What the VAE and the text encoder are stored and run in under each transformer plan. Neither
+# gets a scaled FP16 plan: the VAE (a Wan 2.x derivative) is the reported cause of black FP16
+# Edit outputs and is small (43 M parameters in its 2D form), so it keeps float32 on M1/M2,
+# where float32 is native and emulated bf16 would be no faster; the 7.6 B-parameter language
+# model (whose residual stream carries outlier channels past FP16's range) keeps bfloat16's
+# float32 range and runs once per prompt. `scripts/measure_overflow.py` measures both on a
+# checkpoint.
+COMPONENT_DTYPES: dict[str, dict[str, str]] = {
+    "fp32": {"vae": "float32", "text_encoder": "float32"},
+    "bf16": {"vae": "bfloat16", "text_encoder": "bfloat16"},
+    "fp16": {"vae": "float32", "text_encoder": "bfloat16"},
+    "mixed": {"vae": "float32", "text_encoder": "bfloat16"},
+}
+_PLAN_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def component_dtype(precision: str, component: str) -> str | None:
+    """The dtype ``component`` (vae, text_encoder) uses under a transformer precision plan, or
+    None when the plan does not govern it (e.g. the transformer itself)."""
+    if precision == "auto":
+        precision = auto_precision()[0]
+    name = _PLAN_OF_DTYPE.get(precision, precision)
+    if name not in COMPONENT_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PLAN_NAMES)}")
+    return COMPONENT_DTYPES[name].get(component)

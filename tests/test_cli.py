@@ -12,7 +12,9 @@ from PIL import Image
 from tiny_pipeline import build_checkpoint
 from typer.testing import CliRunner
 
+from convert.io import load_folder
 from qwen_mlx.cli import app
+from qwen_mlx.precision import COMPONENT_DTYPES
 
 runner = CliRunner()
 SMALL = ["--width", "32", "--height", "48", "--steps", "2"]
@@ -129,6 +131,11 @@ def test_precision_plans_convert_and_generate(source, model, tmp_path, plan):
     assert generate(model, *SMALL, "--seed", "3", "--cfg", "1", "-o", str(ref)).exit_code == 0
     meta = json.loads(Image.open(out).text["qwen_mlx"])
     assert meta["precision"] == plan
+    # the plan also decides the other components: the VAE keeps float32 under fp16/mixed
+    vae, te = COMPONENT_DTYPES[plan]["vae"], COMPONENT_DTYPES[plan]["text_encoder"]
+    assert json.loads((dst / "vae" / "config.json").read_text())["qwen_mlx"]["dtype"] == vae
+    te_weights = load_folder(dst / "text_encoder")
+    assert {str(v.dtype) for v in te_weights.values()} == {f"mlx.core.{te}"}
     a = np.array(Image.open(out)).astype(float)
     b = np.array(Image.open(ref)).astype(float)
     # half-precision weights in a 3-model chain: within a few uint8 levels of float32
@@ -142,3 +149,16 @@ def test_generate_precision_override(model, tmp_path):
     assert json.loads(Image.open(out).text["qwen_mlx"])["precision"] == "fp16"
     res = generate(model, *SMALL, "--precision", "int4", "-o", str(tmp_path / "x.png"))
     assert res.exit_code == 2 and "int4" in res.output and not (tmp_path / "x.png").exists()
+
+
+def test_pipeline_precision_sets_component_dtypes(model):
+    import mlx.core as mx
+
+    from qwen_mlx.pipeline import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(model, precision="fp16")
+    assert pipe.vae.dtype == mx.float32
+    assert pipe.text_encoder.dtype == mx.bfloat16
+    assert pipe.transformer.plan.name == "fp16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        QwenImagePipeline.from_pretrained(model, precision="int4")
