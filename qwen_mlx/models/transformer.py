@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..precision import (
     PrecisionPlan,
+    compute_dtype,
     detect_variant,
     fold_weight,
     plan_dtype,
@@ -176,6 +177,9 @@ class JointAttention(nn.Module):
         rope: tuple[mx.array, mx.array],
     ) -> tuple[mx.array, mx.array]:
         B, T = txt.shape[:2]
+        # Cast each stream once for its q/k/v projections (to_v may differ under a mixed plan).
+        img = img.astype(compute_dtype(self.to_q))
+        txt = txt.astype(compute_dtype(self.add_q_proj))
         v = mx.concatenate(
             [
                 self._heads(run_linear(self.add_v_proj, txt)),
