@@ -1,8 +1,13 @@
 """Hugging Face diffusers checkpoint → qwen-mlx MLX checkpoint."""
 
-from .convert import convert_checkpoint, convert_component, is_converted, iter_converted_component
-from .errors import ConversionError
-from .options import ConvertOptions
+from qwen_mlx.convert.convert import (
+    convert_checkpoint,
+    convert_component,
+    is_converted,
+    iter_converted_component,
+)
+from qwen_mlx.convert.errors import ConversionError
+from qwen_mlx.convert.options import ConvertOptions
 
 __all__ = [
     "ConversionError",

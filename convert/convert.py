@@ -24,13 +24,11 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from qwen_mlx.convert.errors import ConversionError
+from qwen_mlx.convert.io import iter_weights, read_json, save_shard, write_index
+from qwen_mlx.convert.options import FORMAT_VERSION, ConvertOptions
+from qwen_mlx.io import CONVERTED_COMPONENTS, is_converted
 from qwen_mlx.precision import component_dtype
-
-from .errors import ConversionError
-from .io import iter_weights, read_json, save_shard, write_index
-from .options import FORMAT_VERSION, ConvertOptions
-
-CONVERTED_COMPONENTS = ("transformer", "vae", "text_encoder")
 
 
 def component_module(name: str) -> ModuleType | None:
@@ -38,23 +36,11 @@ def component_module(name: str) -> ModuleType | None:
     if name not in CONVERTED_COMPONENTS:
         return None
     try:
-        return importlib.import_module(f"convert.{name}")
+        return importlib.import_module(f"{__package__}.{name}")
     except ModuleNotFoundError as e:
-        if e.name == f"convert.{name}":
+        if e.name == f"{__package__}.{name}":
             return None
         raise
-
-
-def is_converted(path: Path) -> bool:
-    """True when ``path`` is a qwen-mlx converted checkpoint (or component folder)."""
-    path = Path(path)
-    for meta in (path / "model_index.json", path / "config.json"):
-        if meta.is_file():
-            try:
-                return "qwen_mlx" in json.loads(meta.read_text())
-            except json.JSONDecodeError:
-                return False
-    return False
 
 
 def _converted_config(module: ModuleType, config: dict, options: ConvertOptions, src: Path) -> dict:

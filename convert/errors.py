@@ -1,5 +1,7 @@
-"""Errors the user can act on: each names the file or value at fault."""
+"""The converter's error: a Hugging Face checkpoint that cannot be converted."""
+
+from qwen_mlx.errors import QwenMLXError
 
 
-class ConversionError(RuntimeError):
+class ConversionError(QwenMLXError, RuntimeError):
     """A checkpoint cannot be converted (missing or corrupt file, unknown layout)."""

@@ -16,9 +16,10 @@ import re
 
 import mlx.core as mx
 
-from .errors import ConversionError
-from .options import ConvertOptions, cast_floats
-from .rules import Rule, rename
+from qwen_mlx.convert.errors import ConversionError
+from qwen_mlx.convert.options import ConvertOptions
+from qwen_mlx.convert.rules import Rule, rename
+from qwen_mlx.dtypes import cast_floats
 
 RULES: list[Rule] = [
     (r"^model\.language_model\.", "language_model."),  # transformers 5

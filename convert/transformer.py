@@ -12,19 +12,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from qwen_mlx.precision import (
-    DTYPES,
-    PrecisionPlan,
-    detect_variant,
-    fold_summary,
-    fold_weight,
-    make_plan,
-    normalize_variant,
-    plan_dtype,
-)
-
-from .options import ConvertOptions
-from .rules import rename
+from qwen_mlx.convert.options import ConvertOptions
+from qwen_mlx.convert.rules import rename
+from qwen_mlx.dtypes import DTYPES
+from qwen_mlx.precision import PrecisionPlan, fold_summary, fold_weight, make_plan, plan_dtype
+from qwen_mlx.variants import detect_variant, normalize_variant
 
 RULES = (
     (r"^transformer_blocks\.", "blocks."),
@@ -40,7 +32,7 @@ def prepare_options(folder: Path, options: ConvertOptions) -> ConvertOptions:
     """Fill in the model variant (which picks the fp16 scale table) from the checkpoint."""
     if options.variant:
         return replace(options, variant=normalize_variant(options.variant))
-    from .io import read_json
+    from qwen_mlx.convert.io import read_json
 
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     return replace(options, variant=detect_variant(folder, config))

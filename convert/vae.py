@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from qwen_mlx.convert.options import ConvertOptions
+from qwen_mlx.convert.rules import rename
+from qwen_mlx.dtypes import cast_floats
 from qwen_mlx.models.vae import LATENTS_MEAN, LATENTS_STD
-
-from .options import ConvertOptions, cast_floats
-from .rules import rename
 
 # diffusers name -> MLX module tree of qwen_mlx.models.vae
 RULES = [

@@ -30,11 +30,11 @@ class UserError(Exception):
 @contextmanager
 def user_errors():
     """Turn expected failures into one-line messages and exit code 2, never a traceback."""
-    from convert import ConversionError
+    from qwen_mlx.errors import QwenMLXError
 
     try:
         yield
-    except (UserError, ConversionError, ValueError, FileNotFoundError) as e:
+    except (UserError, QwenMLXError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
@@ -58,9 +58,9 @@ def convert(
     force: Annotated[bool, typer.Option(help="Overwrite DST if it exists")] = False,
 ) -> None:
     """Convert a Qwen-Image checkpoint to MLX (runs on any machine with MLX, no GPU needed)."""
-    from convert import ConvertOptions, convert_checkpoint
+    from qwen_mlx.convert import ConvertOptions, convert_checkpoint
 
-    from .precision import auto_precision
+    from .device import auto_precision
 
     with user_errors():
         start = time.perf_counter()
@@ -172,9 +172,10 @@ def generate(
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
     import mlx.core as mx
+    import numpy as np
 
     from . import __version__
-    from .pipeline import NonFiniteError, QwenImagePipeline, check_size, random_seed
+    from .pipeline import QwenImagePipeline, check_size, random_seed, to_pil
 
     with user_errors():
         if aspect is not None:
@@ -192,22 +193,9 @@ def generate(
 
         start = time.perf_counter()
         pipe = QwenImagePipeline.from_pretrained(model, precision=precision)
-        for s, path in zip(seeds, paths, strict=True):
-            try:
-                image = pipe(
-                    prompt,
-                    negative_prompt=negative_prompt,
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
-                    true_cfg_scale=cfg,
-                    seed=s,
-                    max_sequence_length=max_sequence_length,
-                    callback=Progress(f"seed {s}"),
-                    low_memory=low_memory,
-                )[0]
-            except NonFiniteError as e:
-                raise UserError(str(e)) from None
+
+        def finish(s: int, path: Path, latents) -> None:
+            image = to_pil(np.array(pipe.decode(latents, height, width)))[0]
             params = {
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
@@ -217,11 +205,37 @@ def generate(
                 "width": width,
                 "height": height,
                 "model": model,
-                "precision": precision or pipe.transformer.plan.name,
+                "precision": pipe.precision_name,
                 "version": __version__,
             }
             save_png(image, path, params)
             typer.echo(f"wrote {path} (seed {s})")
+
+        # Each component loads once and each prompt is encoded once for all seeds (the pipeline
+        # caches prompt embeddings). With --low-memory every seed is sampled first, then the
+        # transformer is freed and all images decoded.
+        pending = []
+        for s, path in zip(seeds, paths, strict=True):
+            latents = pipe(
+                prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                true_cfg_scale=cfg,
+                seed=s,
+                max_sequence_length=max_sequence_length,
+                callback=Progress(f"seed {s}"),
+                output_type="latent",
+            )
+            if low_memory:
+                pending.append((s, path, latents))
+            else:
+                finish(s, path, latents)
+        if pending:
+            pipe.free("transformer")
+            for s, path, latents in pending:
+                finish(s, path, latents)
         elapsed = time.perf_counter() - start
         typer.echo(
             f"{len(seeds)} image(s) {width}x{height}, {steps} steps in {elapsed:.1f} s, "
@@ -234,7 +248,8 @@ def info(
     model: Annotated[str, typer.Argument(help="Converted or diffusers folder, or hub repo id")],
 ) -> None:
     """Components, parameter counts, dtypes and estimated memory of a model."""
-    from .loading import parameter_counts, resolve
+    from .io import parameter_counts
+    from .loading import resolve
 
     with user_errors():
         source = resolve(model)
@@ -252,11 +267,10 @@ def info(
                 f"  {name:13s} {params / 1e9:7.3f} B params  {nbytes / 2**30:7.2f} GiB  [{kinds}]"
             )
         if source.has("transformer"):
-            from convert.io import read_json
+            from .device import auto_precision
+            from .precision import PrecisionPlan
 
-            from .precision import PrecisionPlan, auto_precision
-
-            config = read_json(source.root / "transformer" / "config.json")
+            config = source.config("transformer")
             if source.converted:
                 plan = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
                 typer.echo(f"precision plan: {plan.describe()}")

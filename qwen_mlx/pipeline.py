@@ -1,31 +1,40 @@
 """QwenImagePipeline: text → image, with diffusers' QwenImagePipeline semantics.
 
-Components load lazily on first use. The text encoder is freed before the denoising loop (on
-unified memory the peak is the largest set of components held at once, not their sum) and the
-transformer can be freed before decoding with ``low_memory=True``.
+``__call__`` is a short driver over four named stages, each usable on its own:
+
+    encode_prompt -> prepare_latents -> denoise -> decode
+
+Components load lazily on first use. The text encoder is freed as soon as the prompts are
+encoded (on unified memory the peak is the largest set of components held at once, not their
+sum), and each distinct prompt is encoded once per pipeline: sampling the same prompt with many
+seeds never reloads the text encoder. ``low_memory=True`` frees the transformer before decoding.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from convert.io import read_json
-
-from .loading import ModelSource, resolve
-from .precision import PrecisionPlan, auto_precision, component_dtype
-from .sampler import SchedulerConfig, euler_step, schedule, true_cfg
+from qwen_mlx.device import auto_precision
+from qwen_mlx.errors import NonFiniteError
+from qwen_mlx.loading import ModelSource, resolve
+from qwen_mlx.precision import PrecisionPlan, component_dtype
+from qwen_mlx.sampler import SchedulerConfig, euler_step, schedule, true_cfg
 
 PATCH = 2
+PROMPT_CACHE_SIZE = 64  # distinct (prompt, max_sequence_length) pairs kept per pipeline
 
+Embeds = tuple[mx.array, mx.array | None]  # (B, T, D) float32 embeddings, (B, T) mask or None
+# step_hook(step index, latents after the step) -> latents to continue from (inpaint blends here)
+StepHook = Callable[[int, mx.array], mx.array]
 
-class NonFiniteError(RuntimeError):
-    """Latents became NaN/inf during sampling (instead of writing a black image)."""
+__all__ = ["NonFiniteError", "QwenImagePipeline", "check_size", "pack_latents", "unpack_latents"]
 
 
 def check_size(height: int, width: int, multiple: int = 16) -> None:
@@ -52,9 +61,7 @@ def unpack_latents(x: mx.array, h: int, w: int) -> mx.array:
     return x.reshape(B, h, w, C4 // 4)
 
 
-def pad_embeddings(
-    embeds: list[mx.array], masks: list[mx.array | None]
-) -> tuple[mx.array, mx.array | None]:
+def pad_embeddings(embeds: Sequence[mx.array], masks: Sequence[mx.array | None]) -> Embeds:
     """Concatenate prompt batches along the batch axis, zero-padding to the longest with masks."""
     T = max(e.shape[1] for e in embeds)
     out_e, out_m = [], []
@@ -70,10 +77,41 @@ def pad_embeddings(
     return mx.concatenate(out_e, axis=0), (None if bool(mask.all()) else mask)
 
 
+def repeat_batch(embeds: mx.array, mask: mx.array | None, n: int) -> Embeds:
+    """Each prompt's embeddings n times in a row (diffusers' num_images_per_prompt order)."""
+    if n == 1:
+        return embeds, mask
+    return mx.repeat(embeds, n, axis=0), (None if mask is None else mx.repeat(mask, n, axis=0))
+
+
+def check_finite(x: mx.array, what: str) -> None:
+    """Raise NonFiniteError naming ``what`` if ``x`` holds NaN or inf (before any clip)."""
+    if not bool(mx.isfinite(x).all()):
+        raise NonFiniteError(f"{what} is non-finite (NaN/inf)")
+
+
+def _as_list(prompt: str | Sequence[str] | None) -> list[str]:
+    return [] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+
+
 def to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
     return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+
+
+def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
+    """One seed per image: a list as given, an int s as s, s+1, ... (so image i of seed s is
+    the image of seed s+i alone), None as a fresh random base."""
+    if isinstance(seed, (list, tuple)):
+        return [int(s) for s in seed]
+    if seed is None:
+        seed = random_seed()
+    return [int(seed) + i for i in range(batch)]
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") % 2**31
 
 
 class QwenImagePipeline:
@@ -84,8 +122,10 @@ class QwenImagePipeline:
         source: ModelSource,
         precision: PrecisionPlan | str | None = None,
         scheduler_overrides: dict | None = None,
+        compile: bool = True,
     ):
         self.source = source
+        self.compile = compile
         if precision == "auto":
             precision, _ = auto_precision()
         if isinstance(precision, str):
@@ -95,8 +135,9 @@ class QwenImagePipeline:
             source.root / "scheduler", **(scheduler_overrides or {})
         )
         self._components: dict[str, object] = {}
+        self._prompts: OrderedDict[tuple[str, int], Embeds] = OrderedDict()
         self.timings: dict[str, float] = {}
-        vae_config = read_json(source.root / "vae" / "config.json")
+        vae_config = source.config("vae")
         # 2x spatial down-sampling per temporal stage: 8 for the released VAE.
         self.vae_scale = 2 ** len(vae_config.get("temperal_downsample", [False, True, True]))
 
@@ -109,65 +150,61 @@ class QwenImagePipeline:
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         scheduler_overrides: dict | None = None,
+        compile: bool = True,
     ) -> QwenImagePipeline:
         """``src``: a converted folder, a diffusers-layout folder (converted in memory as it
         loads) or a hub repo id (downloaded, converted once into the qwen-mlx cache).
         ``dtype`` is the conversion dtype for unconverted sources; ``precision`` overrides the
-        transformer's stored precision plan (e.g. "bfloat16")."""
+        transformer's stored precision plan (e.g. "bfloat16"); ``compile`` runs the transformer's
+        blocks through ``mx.compile`` (same results, less time)."""
         source = resolve(src, dtype=dtype, revision=revision, cache_dir=cache_dir)
         for name in ("transformer", "vae", "text_encoder", "tokenizer"):
-            if not source.has(name):
-                raise FileNotFoundError(f"model {src} has no {name}/ component")
-        return cls(source, precision, scheduler_overrides)
+            source.folder(name)  # a missing or unconverted component fails here, before any work
+        return cls(source, precision, scheduler_overrides, compile)
 
-    # -- components
+    # -- components (built on first use, freed with ``free``)
+
+    def _component_dtype(self, name: str) -> str | None:
+        """The dtype the precision plan gives the VAE / text encoder (None: as stored)."""
+        return component_dtype(self.precision, name) if isinstance(self.precision, str) else None
 
     @property
     def transformer(self):
         if "transformer" not in self._components:
-            from .models.transformer import QwenImageTransformer
+            from qwen_mlx.models.transformer import QwenImageTransformer
 
             config, weights = self.source.component("transformer")
-            self._components["transformer"] = QwenImageTransformer.from_weights(
-                config, weights, self.precision, where=str(self.source.root / "transformer")
+            model = QwenImageTransformer.from_weights(
+                config, weights, self.precision, where=str(self.source.folder("transformer"))
             )
+            self._components["transformer"] = model.compile(self.compile)
         return self._components["transformer"]
 
     @property
     def vae(self):
         if "vae" not in self._components:
-            from .models.vae import QwenImageVAE, VAEConfig
+            from qwen_mlx.models.vae import QwenImageVAE
 
-            config, weights = self._component_weights("vae")
-            vae = QwenImageVAE(VAEConfig.from_dict(config))
-            try:
-                vae.load_weights(list(weights.items()), strict=True)
-            except ValueError as e:
-                raise ValueError(f"{self.source.root / 'vae'}: weights do not match: {e}") from e
-            self._components["vae"] = vae
+            config, weights = self.source.component("vae")
+            self._components["vae"] = QwenImageVAE.from_weights(
+                config, weights, self._component_dtype("vae"), where=str(self.source.folder("vae"))
+            )
         return self._components["vae"]
 
     @property
     def text_encoder(self):
         if "text_encoder" not in self._components:
-            from .models.text_encoder import QwenTextEncoder
+            from qwen_mlx.models.text_encoder import QwenTextEncoder
 
-            config, weights = self._component_weights("text_encoder")
+            config, weights = self.source.component("text_encoder")
             self._components["text_encoder"] = QwenTextEncoder.from_weights(
-                config, weights, self.source.root / "tokenizer"
+                config,
+                weights,
+                self.source.folder("tokenizer"),
+                dtype=self._component_dtype("text_encoder"),
+                where=str(self.source.folder("text_encoder")),
             )
         return self._components["text_encoder"]
-
-    def _component_weights(self, name: str) -> tuple[dict, dict[str, mx.array]]:
-        """A component's weights, cast to the dtype the precision plan gives it (if any)."""
-        config, weights = self.source.component(name)
-        if isinstance(self.precision, str):
-            dtype = getattr(mx, component_dtype(self.precision, name))
-            weights = {
-                k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                for k, v in weights.items()
-            }
-        return config, weights
 
     def free(self, *names: str) -> None:
         """Drop components (all when none named) and return their memory to the system."""
@@ -175,134 +212,71 @@ class QwenImagePipeline:
             self._components.pop(name, None)
         mx.clear_cache()
 
-    # -- stages
+    @property
+    def precision_name(self) -> str:
+        """The transformer's precision plan name, without loading (or reloading) anything."""
+        if "transformer" in self._components:
+            return self._components["transformer"].plan.name
+        if isinstance(self.precision, PrecisionPlan):
+            return self.precision.name
+        if isinstance(self.precision, str):
+            return self.precision
+        config = self.source.config("transformer")
+        return PrecisionPlan.from_config(config, int(config.get("num_layers", 60))).name
 
-    def encode_prompt(
-        self, prompts: str | list[str], max_sequence_length: int = 512
-    ) -> tuple[mx.array, mx.array | None]:
-        """(embeddings (B, T, 3584), mask (B, T) or None) with diffusers' semantics."""
+    def transformer_config(self) -> dict:
+        return self.source.config("transformer")
+
+    # -- stage 1: prompts
+
+    def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> Embeds:
+        """(embeddings (B, T, 3584), mask (B, T) or None) with diffusers' semantics.
+
+        Each distinct prompt is run through the text encoder once per pipeline (the prompts not
+        seen yet go in one batch); later calls reuse the cached embeddings.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompt needs at least one prompt")
+        self._cache_prompts(prompts, max_sequence_length)
+        rows = [self._prompts[(p, max_sequence_length)] for p in prompts]
+        return pad_embeddings([e for e, _ in rows], [m for _, m in rows])
+
+    def _cache_prompts(self, prompts: Sequence[str], max_sequence_length: int) -> None:
+        """Encode the prompts not cached yet in one text-encoder forward; keep each unpadded."""
         if not 1 <= max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length must be in 1..1024, got {max_sequence_length}")
-        return self.text_encoder.encode(list(prompts), max_sequence_length=max_sequence_length)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be strings")
+        keys = [(p, max_sequence_length) for p in prompts]
+        new = list(dict.fromkeys(k for k in keys if k not in self._prompts))
+        if new:
+            embeds, mask = self.text_encoder.encode([p for p, _ in new], max_sequence_length)
+            lengths = [embeds.shape[1]] * len(new) if mask is None else mask.sum(axis=1).tolist()
+            for i, key in enumerate(new):
+                row = embeds[i : i + 1, : int(lengths[i])]
+                mx.eval(row)
+                self._prompts[key] = (row, None)
+        for key in keys:
+            self._prompts.move_to_end(key)
+        while len(self._prompts) > max(PROMPT_CACHE_SIZE, len(set(keys))):
+            self._prompts.popitem(last=False)
 
-    def decode(self, latents: mx.array, height: int, width: int) -> mx.array:
-        """Packed latents -> images (B, H, W, 3) in [0, 1]."""
-        vae = self.vae
-        z = unpack_latents(latents, height // self.vae_scale, width // self.vae_scale)
-        mean = mx.array(vae.latents_mean, dtype=mx.float32)
-        std = mx.array(vae.latents_std, dtype=mx.float32)
-        z = z.astype(mx.float32) * std + mean
-        image = vae.decode(z).astype(mx.float32)
-        return mx.clip(image / 2 + 0.5, 0.0, 1.0)
+    # -- stage 2: latents
 
-    def __call__(
+    def prepare_latents(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        width: int = 1024,
-        height: int = 1024,
-        num_inference_steps: int = 50,
-        true_cfg_scale: float = 4.0,
-        seed: int | list[int] | None = None,
+        batch: int,
+        height: int,
+        width: int,
+        seed: int | Sequence[int] | None = None,
         latents: mx.array | np.ndarray | None = None,
-        num_images_per_prompt: int = 1,
-        output_type: str = "pil",
-        max_sequence_length: int = 512,
-        callback: Callable[[int, int, mx.array], None] | None = None,
-        sigmas: list[float] | None = None,
-        low_memory: bool = False,
-    ):
-        """Generate images. Returns a list of PIL images, or with output_type="np" a float32
-        array (B, H, W, 3) in [0, 1] (output_type="latent": the packed latents).
-
-        ``latents`` are packed (B, L, 64) noise exactly as diffusers takes them. ``seed`` (one,
-        or one per image) makes the noise reproducible; ``callback(step, total, latents)`` runs
-        after every step. True CFG runs only with ``true_cfg_scale > 1`` and a negative prompt,
-        as one batched transformer call per step.
-        """
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        check_size(height, width, self.vae_scale * PATCH)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise ValueError("num_images_per_prompt must be at least 1")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts) * num_images_per_prompt
-        do_cfg = true_cfg_scale > 1 and negative_prompt is not None
-        negatives = None
-        if do_cfg:
-            negatives = (
-                [negative_prompt] * len(prompts)
-                if isinstance(negative_prompt, str)
-                else list(negative_prompt)
-            )
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-
+    ) -> mx.array:
+        """Packed (B, L, C) float32 noise: ``latents`` as given (checked), else from the seeds."""
         h, w = height // self.vae_scale, width // self.vae_scale
-        seq_len = (h // PATCH) * (w // PATCH)
-        channels = self.transformer_in_channels()
-        latents = self._initial_latents(latents, seed, batch, h, w, channels)
-
-        # 1. text
-        start = time.perf_counter()
-        embeds, mask = self.encode_prompt(prompts, max_sequence_length)
-        embeds, mask = repeat_batch(embeds, mask, num_images_per_prompt)
-        if do_cfg:
-            neg, neg_mask = self.encode_prompt(negatives, max_sequence_length)
-            neg, neg_mask = repeat_batch(neg, neg_mask, num_images_per_prompt)
-            embeds, mask = pad_embeddings([embeds, neg], [mask, neg_mask])
-        mx.eval(embeds, mask) if mask is not None else mx.eval(embeds)
-        self.free("text_encoder")
-        self.timings["encode"] = time.perf_counter() - start
-
-        # 2. denoise
-        start = time.perf_counter()
-        sig, timesteps = schedule(self.scheduler_config, num_inference_steps, seq_len, sigmas)
-        model = self.transformer
-        shapes = [[(1, h // PATCH, w // PATCH)]] * (2 * batch if do_cfg else batch)
-        for i, t in enumerate(timesteps):
-            x = mx.concatenate([latents, latents]) if do_cfg else latents
-            t_in = mx.full((x.shape[0],), float(t), dtype=mx.float32) / 1000.0
-            v = model(x, embeds, mask, t_in, shapes)
-            if do_cfg:
-                v = true_cfg(v[:batch], v[batch:], true_cfg_scale)
-            latents = euler_step(latents, v, sig[i], sig[i + 1])
-            mx.eval(latents)
-            if not bool(mx.isfinite(latents).all()):
-                raise NonFiniteError(
-                    f"latents became non-finite (NaN/inf) at step {i + 1}/{len(timesteps)}; "
-                    f"try a different precision plan (precision={self.precision!r})"
-                )
-            if callback is not None:
-                callback(i + 1, len(timesteps), latents)
-        self.timings["denoise"] = time.perf_counter() - start
-        if output_type == "latent":
-            return latents
-        if low_memory:
-            self.free("transformer")
-
-        # 3. decode
-        start = time.perf_counter()
-        images = self.decode(latents, height, width)
-        mx.eval(images)
-        if not bool(mx.isfinite(images).all()):
-            raise NonFiniteError("the decoded image is non-finite (NaN/inf)")
-        self.timings["decode"] = time.perf_counter() - start
-        out = np.array(images)
-        return out if output_type == "np" else to_pil(out)
-
-    def transformer_in_channels(self) -> int:
-        if "transformer" in self._components:
-            return self._components["transformer"].config.in_channels
-        config = read_json(self.source.root / "transformer" / "config.json")
-        return int(config.get("in_channels", 64))
-
-    @staticmethod
-    def _initial_latents(latents, seed, batch: int, h: int, w: int, channels: int) -> mx.array:
+        channels = int(self.transformer_config().get("in_channels", 64))
         L = (h // PATCH) * (w // PATCH)
         if latents is not None:
             latents = mx.array(latents, dtype=mx.float32)
@@ -321,26 +295,198 @@ class QwenImagePipeline:
         ]
         return mx.concatenate(noise)
 
+    def schedule(
+        self, num_inference_steps: int, image_seq_len: int, sigmas: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(sigmas with a trailing 0, timesteps) for this checkpoint's scheduler."""
+        return schedule(self.scheduler_config, num_inference_steps, image_seq_len, sigmas)
 
-def image_seeds(seed: int | list[int] | None, batch: int) -> list[int]:
-    """One seed per image: a list as given, an int s as s, s+1, ... (so image i of seed s is
-    the image of seed s+i alone), None as a fresh random base."""
-    if isinstance(seed, (list, tuple)):
-        return [int(s) for s in seed]
-    if seed is None:
-        seed = random_seed()
-    return [int(seed) + i for i in range(batch)]
+    # -- stage 3: denoising
 
+    def denoise(
+        self,
+        latents: mx.array,
+        prompt: Embeds,
+        negative: Embeds | None,
+        sigmas: np.ndarray,
+        timesteps: np.ndarray,
+        img_shapes: Sequence[tuple[int, int, int]],
+        true_cfg_scale: float = 4.0,
+        callback: Callable[[int, int, mx.array], None] | None = None,
+        step_hook: StepHook | None = None,
+        reference_latents: mx.array | None = None,
+    ) -> mx.array:
+        """The sampling loop: one transformer call per step (cond and uncond batched together
+        under true CFG), the Euler step in float32, then ``step_hook(i, latents)`` (which may
+        replace the latents, e.g. inpaint's blend) and ``callback(i + 1, n, latents)``.
 
-def random_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") % 2**31
+        ``img_shapes`` is one item's (frames, h, w) list: the noisy latents', then any
+        ``reference_latents`` (packed, appended after the noisy tokens; Edit), whose part of the
+        prediction is dropped.
+        """
+        batch, L = latents.shape[:2]
+        embeds, mask = (
+            prompt if negative is None else pad_embeddings(*zip(prompt, negative, strict=True))
+        )
+        if embeds.shape[0] != batch * (1 if negative is None else 2):
+            raise ValueError(f"{embeds.shape[0]} prompt embeddings for {batch} latents")
+        model = self.transformer
+        rows = batch if negative is None else 2 * batch
+        shapes = [list(img_shapes)] * rows
+        n = len(timesteps)
+        for i, t in enumerate(timesteps):
+            x = latents
+            if reference_latents is not None:
+                x = mx.concatenate([x, reference_latents.astype(x.dtype)], axis=1)
+            if negative is not None:
+                x = mx.concatenate([x, x])
+            t_in = mx.full((rows,), float(t), dtype=mx.float32) / 1000.0
+            v = model(x, embeds, mask, t_in, shapes)[:, :L]
+            if negative is not None:
+                v = true_cfg(v[:batch], v[batch:], true_cfg_scale)
+            latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+            if step_hook is not None:
+                latents = step_hook(i, latents)
+            mx.eval(latents)
+            if not bool(mx.isfinite(latents).all()):
+                raise NonFiniteError(self._non_finite_message(i + 1, n))
+            if callback is not None:
+                callback(i + 1, n, latents)
+        return latents
 
+    def _non_finite_message(self, step: int, total: int) -> str:
+        msg = f"latents became non-finite (NaN/inf) at step {step}/{total}"
+        plan = self.precision_name
+        if plan in ("fp16", "mixed", "float16"):
+            return f"{msg} under the {plan!r} precision plan; try precision='bf16' or 'fp32'"
+        return f"{msg}; the inputs or the weights produce NaN/inf (the {plan!r} plan cannot)"
 
-def repeat_batch(
-    embeds: mx.array, mask: mx.array | None, n: int
-) -> tuple[mx.array, mx.array | None]:
-    """Each prompt's embeddings n times in a row (diffusers' num_images_per_prompt order)."""
-    if n == 1:
+    # -- stage 4: decoding
+
+    def decode(self, latents: mx.array, height: int, width: int) -> mx.array:
+        """Packed latents -> images (B, H, W, 3) in [0, 1]; non-finite output is an error
+        (checked before clipping, so an overflowing decoder is never written as black)."""
+        vae = self.vae
+        z = unpack_latents(latents, height // self.vae_scale, width // self.vae_scale)
+        mean = mx.array(vae.latents_mean, dtype=mx.float32)
+        std = mx.array(vae.latents_std, dtype=mx.float32)
+        image = vae.decode(z.astype(mx.float32) * std + mean, clip=False).astype(mx.float32)
+        mx.eval(image)
+        check_finite(image, "the decoded image")
+        return mx.clip(image / 2 + 0.5, 0.0, 1.0)
+
+    # -- the driver
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        width: int = 1024,
+        height: int = 1024,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        seed: int | list[int] | None = None,
+        latents: mx.array | np.ndarray | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        max_sequence_length: int = 512,
+        callback: Callable[[int, int, mx.array], None] | None = None,
+        sigmas: list[float] | None = None,
+        low_memory: bool = False,
+        prompt_embeds: mx.array | None = None,
+        prompt_embeds_mask: mx.array | None = None,
+        negative_prompt_embeds: mx.array | None = None,
+        negative_prompt_embeds_mask: mx.array | None = None,
+    ):
+        """Generate images. Returns a list of PIL images, or with output_type="np" a float32
+        array (B, H, W, 3) in [0, 1] (output_type="latent": the packed latents).
+
+        ``latents`` are packed (B, L, 64) noise exactly as diffusers takes them. ``seed`` (one,
+        or one per image) makes the noise reproducible; ``callback(step, total, latents)`` runs
+        after every step. True CFG runs only with ``true_cfg_scale > 1`` and a negative prompt
+        (text or embeddings), as one batched transformer call per step. ``prompt_embeds`` /
+        ``negative_prompt_embeds`` (with their masks) replace the text: encode once with
+        ``encode_prompt``, sample many times.
+        """
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        check_size(height, width, self.vae_scale * PATCH)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be at least 1")
+        do_cfg = true_cfg_scale > 1 and (
+            negative_prompt is not None or negative_prompt_embeds is not None
+        )
+
+        start = time.perf_counter()
+        if do_cfg and negative_prompt_embeds is None and isinstance(negative_prompt, str):
+            n = len(prompt) if isinstance(prompt, list) else 1
+            n = n if prompt_embeds is None else prompt_embeds.shape[0]
+            negative_prompt = [negative_prompt] * n
+        texts = [*_as_list(prompt), *(_as_list(negative_prompt) if do_cfg else [])]
+        if texts and prompt_embeds is None and (negative_prompt_embeds is None or not do_cfg):
+            self._cache_prompts(texts, max_sequence_length)  # one forward for both
+        cond = self._prompt_stage(prompt, prompt_embeds, prompt_embeds_mask, max_sequence_length)
+        uncond = None
+        if do_cfg:
+            uncond = self._prompt_stage(
+                negative_prompt,
+                negative_prompt_embeds,
+                negative_prompt_embeds_mask,
+                max_sequence_length,
+                "negative_",
+            )
+            if uncond[0].shape[0] != cond[0].shape[0]:
+                raise ValueError(f"{uncond[0].shape[0]} negative prompts for {cond[0].shape[0]}")
+        self.free("text_encoder")
+        cond = repeat_batch(*cond, num_images_per_prompt)
+        uncond = None if uncond is None else repeat_batch(*uncond, num_images_per_prompt)
+        self.timings["encode"] = time.perf_counter() - start
+
+        batch = cond[0].shape[0]
+        latents = self.prepare_latents(batch, height, width, seed, latents)
+        h, w = height // self.vae_scale // PATCH, width // self.vae_scale // PATCH
+        sig, timesteps = self.schedule(num_inference_steps, h * w, sigmas)
+
+        start = time.perf_counter()
+        latents = self.denoise(
+            latents, cond, uncond, sig, timesteps, [(1, h, w)], true_cfg_scale, callback
+        )
+        self.timings["denoise"] = time.perf_counter() - start
+        if output_type == "latent":
+            return latents
+        if low_memory:
+            self.free("transformer")
+
+        start = time.perf_counter()
+        images = np.array(self.decode(latents, height, width))
+        self.timings["decode"] = time.perf_counter() - start
+        return images if output_type == "np" else to_pil(images)
+
+    def _prompt_stage(
+        self,
+        prompt: str | list[str] | None,
+        embeds: mx.array | None,
+        mask: mx.array | None,
+        max_sequence_length: int,
+        which: str = "",
+    ) -> Embeds:
+        """Embeddings from text (cached) or as given, checked."""
+        if embeds is None:
+            if prompt is None:
+                raise ValueError(f"pass {which}prompt or {which}prompt_embeds")
+            return self.encode_prompt(prompt, max_sequence_length)
+        if prompt is not None:
+            raise ValueError(f"pass {which}prompt or {which}prompt_embeds, not both")
+        embeds = mx.array(embeds, dtype=mx.float32)
+        dim = int(self.transformer_config().get("joint_attention_dim", 3584))
+        if embeds.ndim != 3 or embeds.shape[-1] != dim:
+            raise ValueError(f"{which}prompt_embeds must be (B, T, {dim}), got {embeds.shape}")
+        if mask is not None:
+            mask = mx.array(mask)
+            if tuple(mask.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(
+                    f"{which}prompt_embeds_mask must be {tuple(embeds.shape[:2])}, got {mask.shape}"
+                )
         return embeds, mask
-    embeds = mx.repeat(embeds, n, axis=0)
-    return embeds, (None if mask is None else mx.repeat(mask, n, axis=0))

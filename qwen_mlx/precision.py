@@ -27,27 +27,22 @@ Plans by name (``make_plan``):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import mlx.core as mx
 
-DTYPES: dict[str, mx.Dtype] = {
-    "float32": mx.float32,
-    "bfloat16": mx.bfloat16,
-    "float16": mx.float16,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+from qwen_mlx.device import auto_precision
+from qwen_mlx.dtypes import DTYPES, dtype_of
+from qwen_mlx.variants import DEFAULT_VARIANT, VARIANTS, normalize_variant
 
 # The weight groups of a block a plan can place in different dtypes.
 BLOCK_GROUPS = ("mod", "qkv", "v", "attn_out", "ffn_up", "ffn_down")
 
 # Plan names make_plan understands (besides the dtype names and "auto").
 PLAN_NAMES = ("fp32", "bf16", "fp16", "mixed")
-# The groups whose outputs overflow float16 on the released models (see REFERENCE.md).
+# The groups whose outputs overflow float16 on the released models (README, "Precision plans").
 OVERFLOW_GROUPS = ("v", "attn_out", "ffn_down")
 
 
@@ -78,15 +73,14 @@ class VariantScales:
 
 
 _EDIT_PLUS = VariantScales(qkv_in=8, attn_out=(4, 32), ffn_out=(32, 512))
-SCALES: dict[str, VariantScales] = {
+SCALES: dict[str, VariantScales] = {  # one row per qwen_mlx.variants.VARIANTS
     "qwen-image": VariantScales(qkv_in=8, attn_out=(2, 16), ffn_out=(16, 256)),
     "qwen-image-edit": VariantScales(qkv_in=8, attn_out=(2, 16), ffn_out=(32, 512)),
     "qwen-image-edit-2509": _EDIT_PLUS,
     "qwen-image-edit-2511": _EDIT_PLUS,
     "qwen-image-2512": VariantScales(qkv_in=16, attn_out=(4, 32), ffn_out=(32, 512), ffn_in=2),
 }
-VARIANTS = tuple(SCALES)
-DEFAULT_VARIANT = "qwen-image"
+assert tuple(SCALES) == VARIANTS, "every variant needs its scale row"
 
 
 # ----------------------------------------------------------------------------- plans
@@ -109,7 +103,7 @@ class LayerPrecision:
     ffn_out_scale: float = 1.0  # FFN output / f
 
     def dtype(self, group: str) -> mx.Dtype:
-        return DTYPES[self.dtypes.get(group, self.default)]
+        return dtype_of(self.dtypes.get(group, self.default))
 
     @property
     def folds(self) -> tuple[float, float, float, float]:
@@ -155,8 +149,7 @@ class PrecisionPlan:
 
     @classmethod
     def uniform(cls, dtype: str, num_layers: int, eps: float = 1e-6) -> PrecisionPlan:
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype_of(dtype)  # validates the name
         layer = LayerPrecision(default=dtype, qk_norm_eps=eps)
         return cls(name=dtype, layers=(layer,) * num_layers, outer=dtype)
 
@@ -178,8 +171,7 @@ class PrecisionPlan:
     def with_dtype(self, dtype: str) -> PrecisionPlan:
         """The same plan (same constants) with every weight in ``dtype``: e.g. float32, to check
         that folding is exact or to keep a full-precision master copy."""
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype_of(dtype)  # validates the name
         layers = tuple(replace(layer, dtypes={}, default=dtype) for layer in self.layers)
         return replace(self, layers=layers, outer=dtype)
 
@@ -346,7 +338,7 @@ def plan_dtype(plan: PrecisionPlan, name: str) -> mx.Dtype:
     """The dtype ``plan`` stores the transformer weight ``name`` in."""
     layer, group = weight_group(name)
     if layer is None:
-        return DTYPES[plan.outer]
+        return dtype_of(plan.outer)
     return plan.layer(layer).dtype(group)
 
 
@@ -370,7 +362,7 @@ def fold_weight(name: str, w: mx.array, plan: PrecisionPlan) -> tuple[mx.array, 
     """(``w`` with the plan's constants folded in, computed in float32; whether it changed).
 
     For a block with q/k/v input scale s, attention-output scale p, FFN output scale f and
-    FFN input scale a (see REFERENCE.md, "FP16 on Apple GPUs"):
+    FFN input scale a (README, "Precision plans"):
 
     * modulation: mod1 shift and scale chunks x 1/s (scale bias -> (bias + 1)/s - 1, so that
       1 + scale becomes (1 + scale)/s), mod1 gate x s*p, mod2 gate x f;
@@ -435,132 +427,6 @@ def fold_summary(plan: PrecisionPlan) -> list[str]:
     if any(layer.ffn_in_scale != 1 for layer in plan.layers):
         out += ["img_mlp/txt_mlp up bias x 1/a (input x 1/a and output x a at run time)"]
     return out
-
-
-# ----------------------------------------------------------------------------- variants
-
-_DATE = re.compile(r"(?<!\d)(2509|2511|2512)(?!\d)")  # release dates in repo names
-_CLASS_VARIANTS = {
-    "QwenImageEditPlusPipeline": "qwen-image-edit-2509",
-    "QwenImageEditPipeline": "qwen-image-edit",
-    "QwenImageEditInpaintPipeline": "qwen-image-edit",
-}
-
-
-def normalize_variant(name: str) -> str:
-    """A variant name in canonical form: "Qwen/Qwen-Image-Edit-2509", "edit_2511", "2512" ..."""
-    key = re.sub(r"[\s_]+", "-", name.strip().lower()).split("/")[-1]
-    if key in SCALES:
-        return key
-    m = _DATE.search(key)
-    if m:
-        return "qwen-image-2512" if m.group(1) == "2512" else f"qwen-image-edit-{m.group(1)}"
-    if "edit" in key:
-        return "qwen-image-edit"
-    if key in ("qwen-image", "qwenimage", "base", "t2i"):
-        return "qwen-image"
-    raise ValueError(f"unknown model variant {name!r}; choose one of {', '.join(VARIANTS)}")
-
-
-def _variant_from_name(text: str) -> str | None:
-    m = _DATE.search(text)
-    return normalize_variant(m.group(1)) if m else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def detect_variant(
-    path: str | Path | None = None, config: dict | None = None, override: str | None = None
-) -> str:
-    """The model variant of a checkpoint (a key of ``SCALES``).
-
-    In order: ``override``; a variant recorded by the converter in ``config``; a release date
-    (2509/2511/2512) in the checkpoint's folder or hub repo name (or ``_name_or_path``); the
-    pipeline class in model_index.json (``QwenImageEditPlusPipeline`` = Edit-2509/2511,
-    ``QwenImageEditPipeline`` = Edit); a transformer with ``zero_cond_t`` (2511); else qwen-image.
-    ``path`` may be the checkpoint root or its transformer/ folder.
-    """
-    if override:
-        return normalize_variant(override)
-    config = dict(config or {})
-    recorded = config.get("qwen_mlx", {}).get("variant")
-    if recorded:
-        return normalize_variant(recorded)
-    roots: list[Path] = []
-    if path is not None:
-        p = Path(path).expanduser()
-        roots = [p, p.parent] if not (p / "model_index.json").is_file() else [p]
-    index: dict = {}
-    for root in roots:
-        if (root / "model_index.json").is_file():
-            index = _read_json(root / "model_index.json")
-            break
-    # Folder names: the checkpoint's own, and the hub's models--Org--Name for snapshots.
-    names = [str(config.get("_name_or_path", "")), str(index.get("_name_or_path", ""))]
-    for root in roots:
-        parts = root.resolve().parts if root.exists() else root.parts
-        names += [part for part in parts[-4:] if "qwen" in part.lower() or part == root.name]
-    for text in names:
-        found = _variant_from_name(text)
-        if found:
-            return found
-    cls = index.get("_class_name", "")
-    if cls in _CLASS_VARIANTS:
-        return _CLASS_VARIANTS[cls]
-    if config.get("zero_cond_t"):
-        return "qwen-image-edit-2511"
-    if any("edit" in text.lower() for text in names):
-        return "qwen-image-edit"
-    return DEFAULT_VARIANT
-
-
-# ----------------------------------------------------------------------------- device
-
-
-def _device_info() -> dict:
-    try:
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-    except Exception:  # noqa: BLE001 - no device / old MLX: treat as unknown
-        return {}
-    return dict(info or {})
-
-
-def apple_gpu_generation(info: dict) -> int | None:
-    """The M-series generation (1 = M1 ...) of an Apple GPU from MLX's device info, or None.
-
-    MLX reports the Metal architecture name, e.g. "applegpu_g13s" (M1 Pro): G13 = M1/A14,
-    G14 = M2/A15, G15 = M3, G16 = M4, G17 = M5. Falls back to "Apple M<n>" in the device name.
-    """
-    arch = str(info.get("architecture", "")).lower()
-    m = re.search(r"applegpu_g(\d+)", arch)
-    if m:
-        return int(m.group(1)) - 12
-    m = re.search(r"\bapple\s+m(\d+)", str(info.get("device_name", "")).lower())
-    if m:
-        return int(m.group(1))
-    return None
-
-
-def auto_precision(device_info: dict | None = None) -> tuple[str, str]:
-    """(plan name, reason) for this machine, or for ``device_info`` (MLX's device_info dict).
-
-    M1/M2 GPUs emulate bfloat16 at about half float16's speed, so they get the scaled ``fp16``
-    plan; M3 and later run bfloat16 natively and get ``bf16``; anything else gets ``bf16``.
-    """
-    if device_info is None:
-        device_info = _device_info()
-    name = device_info.get("device_name") or device_info.get("architecture") or "unknown device"
-    gen = apple_gpu_generation(device_info)
-    if gen is None:
-        return "bf16", f"{name}: not an Apple GPU, bfloat16"
-    if gen <= 2:
-        return "fp16", f"{name} (M{gen} family) emulates bfloat16: float16 with folded scaling"
-    return "bf16", f"{name} (M{gen} family) runs bfloat16 natively"
 
 
 # ----------------------------------------------------------------------------- other components

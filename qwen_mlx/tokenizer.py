@@ -32,7 +32,6 @@ class Batch:
     input_ids: np.ndarray
     attention_mask: np.ndarray
     lengths: list[int]  # valid tokens per row after truncation
-    full_lengths: list[int]  # tokens per row before truncation
 
 
 def _token_content(value: object) -> str | None:
@@ -170,7 +169,6 @@ class QwenTokenizer:
 
     def pad(self, rows: list[list[int]], max_length: int | None = None) -> Batch:
         """Truncate each row to ``max_length`` and pad the batch to its longest row."""
-        full = [len(r) for r in rows]
         if max_length is not None:
             rows = self.truncate(rows, max_length)
         lengths = [len(r) for r in rows]
@@ -181,4 +179,4 @@ class QwenTokenizer:
             sl = slice(0, len(r)) if self.padding_side == "right" else slice(width - len(r), width)
             ids[i, sl] = r
             mask[i, sl] = 1
-        return Batch(ids, mask, lengths, full)
+        return Batch(ids, mask, lengths)

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _openblas import blas_in_use, preload_openblas  # scripts/ is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=4.0)
     args = ap.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
+    print(f"BLAS: {blas_in_use()}")
 
     import mlx.core as mx
     import numpy as np

@@ -25,12 +25,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from _openblas import blas_in_use, preload_openblas  # scripts/ is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.rules import rename  # noqa: E402
+from qwen_mlx.convert.rules import rename  # noqa: E402
+from qwen_mlx.device import auto_precision  # noqa: E402
 from qwen_mlx.models.transformer import QwenImageTransformer, TransformerConfig  # noqa: E402
-from qwen_mlx.precision import auto_precision, make_plan  # noqa: E402
+from qwen_mlx.precision import make_plan  # noqa: E402
 
 # MLX name -> diffusers name (the inverse of convert/transformer.py's RULES).
 TO_DIFFUSERS = (
@@ -171,6 +173,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-diffusers", dest="diffusers", action="store_false")
     args = ap.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
+    print(f"BLAS: {blas_in_use()}")
 
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]

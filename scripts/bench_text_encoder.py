@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _openblas import blas_in_use, preload_openblas  # scripts/ is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 from helpers import rel_err, write_model_index  # noqa: E402
 from tiny_tokenizer import build_tokenizer  # noqa: E402
 
-from convert import ConvertOptions, convert_checkpoint  # noqa: E402
+from qwen_mlx.convert import ConvertOptions, convert_checkpoint  # noqa: E402
 from qwen_mlx.models.text_encoder import QwenTextEncoder  # noqa: E402
 
 PROMPTS = [
@@ -159,6 +161,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint is written")
     args = ap.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
+    print(f"BLAS: {blas_in_use()}")
     device = args.torch_device or default_torch_device()
     from transformers import Qwen2Tokenizer
 
@@ -179,7 +183,7 @@ def main() -> None:
         converted = convert_checkpoint(root, work / "converted", ConvertOptions(dtype=args.dtype))
         shutil.rmtree(root / "text_encoder")
         print(f"converted in {time.perf_counter() - t:.1f}s", flush=True)
-        enc = QwenTextEncoder.from_pretrained(converted)
+        enc = QwenTextEncoder.from_pretrained(converted / "text_encoder")
         mx.reset_peak_memory()
 
         def run_ours():

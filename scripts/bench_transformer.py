@@ -5,6 +5,10 @@ Each side runs in its own subprocess so peak memory is its own. CPU default: ful
 bf16 at 1024x1024 with 128 text tokens. Weights are random; parity is the tests' job.
 
     python scripts/bench_transformer.py                       # CPU, 2 layers, 256x256
+    python scripts/bench_transformer.py --no-compile          # only the uncompiled forward
+
+Without --compile/--no-compile both our variants run (blocks through mx.compile and not), and
+the script checks that they agree.
     python scripts/bench_transformer.py --device gpu --layers 60 --size 1024 --dtype bfloat16
 """
 
@@ -17,6 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from _openblas import blas_in_use, preload_openblas  # scripts/ is on sys.path
 
 
 def full_config(layers: int) -> dict:
@@ -35,9 +41,11 @@ def run_ours(args) -> dict:
 
     if args.device == "gpu":
         mx.set_default_device(mx.gpu)
+    mx.random.seed(0)  # the same weights and inputs for the compiled and uncompiled runs
     cfg = TransformerConfig.from_dict(full_config(args.layers))
     model = QwenImageTransformer(cfg)
     model.apply_plan(PrecisionPlan.uniform(args.dtype, cfg.num_layers))
+    model.compile(args.side == "ours-compiled")
     mx.eval(model.parameters())
     h = w = args.size // 16
     x = mx.random.normal((1, h * w, 64)).astype(getattr(mx, args.dtype))
@@ -46,9 +54,14 @@ def run_ours(args) -> dict:
     mx.reset_peak_memory()
 
     def step():
-        mx.eval(model(x, enc, None, t, [(1, h, w)]))
+        out = model(x, enc, None, t, [(1, h, w)])
+        mx.eval(out)
+        return out
 
-    return timed(step, args.repeats, peak=lambda: mx.get_peak_memory())
+    result = timed(step, args.repeats, peak=lambda: mx.get_peak_memory())
+    out = step().astype(mx.float32)
+    result["checksum"] = [float(out.abs().sum()), float(out[0, :4, 0].sum())]
+    return result
 
 
 def run_ref(args) -> dict:
@@ -98,30 +111,50 @@ def main() -> None:
     ap.add_argument("--text", type=int, default=128, help="text tokens")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--side", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="only the compiled (--compile) or uncompiled (--no-compile) forward; default both",
+    )
+    ap.add_argument("--side", choices=["ours", "ours-compiled", "ref"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
+    print(f"BLAS: {blas_in_use()}")
 
     if args.side:
-        print(json.dumps(run_ours(args) if args.side == "ours" else run_ref(args)))
+        print(json.dumps(run_ref(args) if args.side == "ref" else run_ours(args)))
         return
 
+    sides = ["ref"]
+    if args.compile is not True:
+        sides.append("ours")
+    if args.compile is not False:
+        sides.append("ours-compiled")
     results = {}
-    for side in ("ref", "ours"):
+    for side in sides:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[side] = json.loads(out.strip().splitlines()[-1])
-    ours, ref = results["ours"], results["ref"]
+    ref = results["ref"]
     tokens = (args.size // 16) ** 2
     print(
         f"transformer forward, {args.layers} layers, {args.size}x{args.size} ({tokens} image "
         f"tokens) + {args.text} text tokens, {args.dtype}, device={args.device}"
     )
-    for name, r in (("diffusers", ref), ("qwen-mlx", ours)):
+    names = {"ref": "diffusers", "ours": "qwen-mlx", "ours-compiled": "qwen-mlx compiled"}
+    for side, r in results.items():
         print(
-            f"  {name:10s} median {r['median_s']:.4f} s  min {r['min_s']:.4f} s  "
+            f"  {names[side]:18s} median {r['median_s']:.4f} s  min {r['min_s']:.4f} s  "
             f"peak {r['peak_bytes'] / 2**30:.2f} GiB"
         )
-    print(f"  ratio qwen-mlx / diffusers (median): {ours['median_s'] / ref['median_s']:.2f}x")
+    for side in sides[1:]:
+        ratio = results[side]["median_s"] / ref["median_s"]
+        print(f"  ratio {names[side]} / diffusers (median): {ratio:.2f}x")
+    if len(sides) == 3:
+        a, b = results["ours"]["checksum"], results["ours-compiled"]["checksum"]
+        agree = all(abs(x - y) <= 1e-4 * max(abs(x), 1.0) for x, y in zip(a, b, strict=True))
+        print(f"  compiled vs uncompiled output checksums agree: {agree} ({a} vs {b})")
     if args.device == "cpu":
         print("  (CPU peak for diffusers is process max RSS; for qwen-mlx MLX's peak allocation)")
 

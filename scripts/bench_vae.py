@@ -6,7 +6,6 @@ latent per size with both. diffusers runs in a fresh child process per size so i
 high-water mark is its own.
 
     python scripts/bench_vae.py --sizes 256 512            # CPU
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python ...  # Linux CPU
     python scripts/bench_vae.py --sizes 1024 1328 --dtype bfloat16   # GPU (MLX CUDA / Metal)
 
 Memory: ours is mx.get_peak_memory() (MLX allocator, weights included; "work" subtracts the
@@ -14,15 +13,14 @@ memory active before the call). diffusers on CUDA is torch.cuda.max_memory_alloc
 post-load baseline; on CPU it is the process RSS high-water mark (getrusage ru_maxrss) over the
 RSS after loading: a rough figure that includes allocator caching.
 
-On Linux CPU the mlx[cpu] wheel's reference BLAS makes MLX convs ~10x slower than with OpenBLAS
-preloaded (see shared/device/README.md); the diffusers child runs without LD_PRELOAD.
+On Linux CPU the script re-executes itself with OpenBLAS preloaded (scripts/_openblas.py): the
+mlx[cpu] wheel's reference BLAS makes MLX convs ~10x slower; the diffusers child runs without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import resource
@@ -33,8 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _openblas import blas_in_use, preload_openblas  # scripts/ is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -46,22 +46,6 @@ def rss_bytes() -> int:
 
 def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def randomize(model, seed: int = 0) -> None:
-    """Random weights on an O(1) activation scale (same scheme as tests/test_vae.py)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.5 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * r)
-            else:
-                p.copy_(r / math.sqrt(p.shape[1] * p.shape[-1] * p.shape[-2]))
 
 
 def diffusers_decode(vae_dir: str, z_path: str, out_path: str, dtype: str, runs: int,
@@ -108,19 +92,22 @@ def main() -> None:
         "--tile-size", type=int, default=None, help="our decode tile size in latent px (0: never)"
     )
     args = ap.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
+    print(f"BLAS: {blas_in_use()}")
 
     import mlx.core as mx
     import torch
     from diffusers import AutoencoderKLQwenImage
+    from helpers import randomize_vae
 
-    from convert import ConvertOptions, convert_checkpoint
+    from qwen_mlx.convert import ConvertOptions, convert_checkpoint
     from qwen_mlx.models import vae as vae_mod
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_vae_"))
     src, dst = tmp / "src", tmp / "mlx"
     torch.manual_seed(0)
     ref = AutoencoderKLQwenImage()  # the released config
-    randomize(ref)
+    randomize_vae(ref)
     ref.save_pretrained(src / "vae")
     index = {"_class_name": "QwenImagePipeline", "vae": ["diffusers", "AutoencoderKLQwenImage"]}
     (src / "model_index.json").write_text(json.dumps(index))

@@ -114,7 +114,7 @@ def random_vae():
     import torch
     from diffusers import AutoencoderKLQwenImage
 
-    from convert import ConvertOptions, convert_checkpoint
+    from qwen_mlx.convert import ConvertOptions, convert_checkpoint
     from qwen_mlx.models.vae import QwenImageVAE
 
     tmp = Path(tempfile.mkdtemp())

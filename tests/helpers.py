@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from convert import ConvertOptions, convert_checkpoint
+from qwen_mlx.convert import ConvertOptions, convert_checkpoint
 
 COMPONENT_CLASSES = {
     "transformer": ["diffusers", "QwenImageTransformer2DModel"],
@@ -17,6 +18,33 @@ COMPONENT_CLASSES = {
     "tokenizer": ["transformers", "Qwen2Tokenizer"],
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
 }
+
+
+# The released Qwen-Image scheduler_config.json (the tiny checkpoints use it too).
+RELEASED_SCHEDULER = dict(
+    base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
+    max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+    stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
+    use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False,
+)  # fmt: skip
+
+
+def randomize_vae(model, seed: int = 0) -> None:
+    """Every parameter of a diffusers VAE random, on a scale that keeps activations O(1): conv
+    weights ~ 1/sqrt(fan_in of one temporal slice) (all three temporal taps differ), biases
+    ~ 0.1, norm gammas ~ 1 +- 0.5 (so neither zeros nor ones hide a bug)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.5 * r)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * r)
+            else:
+                p.copy_(r / math.sqrt(p.shape[1] * p.shape[-1] * p.shape[-2]))
 
 
 def write_model_index(root: Path, components: list[str]) -> None:

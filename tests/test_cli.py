@@ -12,8 +12,8 @@ from PIL import Image
 from tiny_pipeline import build_checkpoint
 from typer.testing import CliRunner
 
-from convert.io import load_folder
 from qwen_mlx.cli import app
+from qwen_mlx.io import load_folder
 from qwen_mlx.precision import COMPONENT_DTYPES
 
 runner = CliRunner()
@@ -162,3 +162,43 @@ def test_pipeline_precision_sets_component_dtypes(model):
     assert pipe.transformer.plan.name == "fp16"
     with pytest.raises(ValueError, match="unknown precision"):
         QwenImagePipeline.from_pretrained(model, precision="int4")
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_three_seeds_load_each_component_once(model, tmp_path, monkeypatch, low_memory):
+    """One CLI call: the text encoder loads once and runs one forward for the prompt and the
+    negative; the transformer and VAE load once, also with --low-memory (whose metadata read
+    must not rebuild the freed transformer)."""
+    from qwen_mlx.models.text_encoder import QwenTextEncoder
+    from qwen_mlx.models.transformer import QwenImageTransformer
+    from qwen_mlx.models.vae import QwenImageVAE
+
+    counts = {"text_encoder": 0, "forward": 0, "transformer": 0, "vae": 0}
+
+    def counting(cls, key):
+        real = cls.from_weights.__func__
+
+        def wrapped(klass, *a, **k):
+            counts[key] += 1
+            return real(klass, *a, **k)
+
+        monkeypatch.setattr(cls, "from_weights", classmethod(wrapped))
+
+    counting(QwenTextEncoder, "text_encoder")
+    counting(QwenImageTransformer, "transformer")
+    counting(QwenImageVAE, "vae")
+    real_call = QwenTextEncoder.__call__
+
+    def forward(self, *a, **k):
+        counts["forward"] += 1
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(QwenTextEncoder, "__call__", forward)
+    flags = ["--low-memory"] if low_memory else []
+    seeds = ["--seed", "1", "--seed", "2", "--seed", "3"]
+    res = generate(model, *SMALL, *seeds, *flags, "-o", str(tmp_path / "s.png"))
+    assert res.exit_code == 0, res.output
+    assert counts == {"text_encoder": 1, "forward": 1, "transformer": 1, "vae": 1}
+    for s in (1, 2, 3):
+        meta = json.loads(Image.open(tmp_path / f"s-{s}.png").text["qwen_mlx"])
+        assert meta["seed"] == s and meta["precision"] == "float32"

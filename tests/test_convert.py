@@ -12,9 +12,9 @@ from helpers import convert_tiny
 from tiny_transformer import build_transformer, save_checkpoint
 from typer.testing import CliRunner
 
-from convert import ConversionError, ConvertOptions, convert_checkpoint, is_converted
-from convert.io import load_folder
 from qwen_mlx.cli import app
+from qwen_mlx.convert import ConversionError, ConvertOptions, convert_checkpoint, is_converted
+from qwen_mlx.io import load_folder
 
 
 @pytest.fixture

@@ -160,7 +160,7 @@ def test_hub_repo_id_downloads_then_converts_once(tiny, tmp_path, monkeypatch):
     root, _, _ = tiny
     import huggingface_hub
 
-    import convert.convert as core
+    import qwen_mlx.convert.convert as core
 
     calls = {"download": [], "convert": 0}
 
@@ -175,7 +175,7 @@ def test_hub_repo_id_downloads_then_converts_once(tiny, tmp_path, monkeypatch):
         return real_convert(*a, **k)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    monkeypatch.setattr("qwen_mlx.loading.convert_checkpoint", counting_convert)
+    monkeypatch.setattr("qwen_mlx.convert.convert_checkpoint", counting_convert)
     monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
     p1 = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", dtype="float32")
     p2 = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", dtype="float32")
@@ -202,3 +202,35 @@ def test_pack_roundtrip_matches_diffusers_layout():
     np.testing.assert_array_equal(np.array(ours), packed.numpy())
     back = unpack_latents(ours, 6, 8)
     np.testing.assert_array_equal(np.array(back), z.permute(0, 2, 3, 1).numpy())
+
+
+def test_prompt_embeds_sample_many_times(tiny, pipe):
+    """Encode once, sample with embeddings: the same image as from the text."""
+    kw = dict(height=32, width=32, num_inference_steps=2, true_cfg_scale=3.0, output_type="np")
+    embeds, mask = pipe.encode_prompt(["a red cube", "一只猫"])
+    neg, neg_mask = pipe.encode_prompt([" ", " "])
+    from_text = pipe(["a red cube", "一只猫"], negative_prompt=" ", seed=4, **kw)
+    from_embeds = pipe(
+        prompt_embeds=embeds,
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_embeds_mask=neg_mask,
+        seed=4,
+        **kw,
+    )
+    np.testing.assert_allclose(from_embeds, from_text, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        pipe("x", prompt_embeds=embeds, **kw)
+    with pytest.raises(ValueError, match="prompt_embeds must be"):
+        pipe(prompt_embeds=embeds[..., :3], **kw)
+
+
+def test_prompt_cache_matches_batched_encoding(tiny, pipe):
+    """Prompts cached one by one give diffusers' batch semantics (padding, mask None)."""
+    fresh = QwenImagePipeline.from_pretrained(tiny[1])
+    batch = fresh.text_encoder.encode(["tiny", "a much longer prompt with many words"])
+    fresh.encode_prompt("tiny")  # cached alone first
+    got = fresh.encode_prompt(["tiny", "a much longer prompt with many words"])
+    np.testing.assert_allclose(np.array(got[0]), np.array(batch[0]), atol=1e-6)
+    np.testing.assert_array_equal(np.array(got[1]), np.array(batch[1]))
+    assert fresh.encode_prompt(["tiny"])[1] is None

@@ -12,16 +12,11 @@ import torch
 from helpers import convert_tiny, rel_err, write_model_index
 from tiny_transformer import build_transformer, save_checkpoint
 
-from convert.io import load_folder
+from qwen_mlx.device import auto_precision
+from qwen_mlx.io import load_folder
 from qwen_mlx.models.transformer import QwenImageTransformer
-from qwen_mlx.precision import (
-    SCALES,
-    PrecisionPlan,
-    auto_precision,
-    detect_variant,
-    make_plan,
-    normalize_variant,
-)
+from qwen_mlx.precision import SCALES, PrecisionPlan, make_plan
+from qwen_mlx.variants import detect_variant, normalize_variant
 
 EXACT_TOL = 1e-5  # folding multiplies by powers of two: float32 results agree to rounding
 FP16_TOL = 2e-2

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift as ref_shift
+from helpers import RELEASED_SCHEDULER
 
 from qwen_mlx.sampler import (
     LIGHTNING_SCHEDULER,
@@ -20,13 +21,7 @@ from qwen_mlx.sampler import (
     true_cfg,
 )
 
-# The released Qwen-Image scheduler_config.json.
-RELEASED = dict(
-    base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
-    max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
-    stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
-    use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False,
-)  # fmt: skip
+RELEASED = RELEASED_SCHEDULER
 
 
 def reference(config: dict, steps: int, seq_len: int, sigmas=None):

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from tiny_tokenizer import build_tokenizer
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from convert import ConversionError, ConvertOptions
-from convert.text_encoder import convert_config, convert_weights
+from qwen_mlx.convert import ConversionError, ConvertOptions
+from qwen_mlx.convert.text_encoder import convert_config, convert_weights
 from qwen_mlx.models.text_encoder import PROMPT_TEMPLATE, QwenTextEncoder, TextEncoderConfig
 from qwen_mlx.tokenizer import QwenTokenizer
 
@@ -102,7 +102,7 @@ def converted(source) -> Path:
 
 @pytest.fixture(scope="session")
 def ours(converted) -> QwenTextEncoder:
-    return QwenTextEncoder.from_pretrained(converted)
+    return QwenTextEncoder.from_pretrained(converted / "text_encoder")
 
 
 @pytest.fixture(scope="session")
@@ -244,7 +244,7 @@ def test_bfloat16_close_to_transformers_bfloat16(converted, ref_model, hf_tok, p
     with torch.no_grad():
         ref32, _ = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=512)
         ref16, _ = pipe16.encode_prompt(prompts, device="cpu", max_sequence_length=512)
-    enc = QwenTextEncoder.from_pretrained(converted, dtype="bfloat16")
+    enc = QwenTextEncoder.from_pretrained(converted / "text_encoder", dtype="bfloat16")
     assert enc.dtype == mx.bfloat16
     got, _ = enc.encode(prompts)
     assert got.dtype == mx.float32
@@ -253,7 +253,7 @@ def test_bfloat16_close_to_transformers_bfloat16(converted, ref_model, hf_tok, p
 
 
 def test_free(converted):
-    from convert.io import load_folder
+    from qwen_mlx.io import load_folder
 
     folder = converted / "text_encoder"
     config = json.loads((folder / "config.json").read_text())
@@ -300,12 +300,16 @@ def test_transformers5_names_and_flat_config(tmp_path, ref_model, tok_dir, ours)
     shutil.copytree(tok_dir, root / "tokenizer")
     write_model_index(root, ["text_encoder", "tokenizer"])
 
-    assert TextEncoderConfig.from_hf(flat) == ours.model.config
+    assert TextEncoderConfig.from_dict(flat) == ours.model.config
     prompts = [LONG_EN, "a cat"]
     want, want_mask = ours.encode(prompts)
     for enc in (
-        QwenTextEncoder.from_pretrained(convert_tiny(root, tmp_path / "converted")),
-        QwenTextEncoder.from_pretrained(root, dtype="float32"),  # unconverted, in memory
+        QwenTextEncoder.from_pretrained(
+            convert_tiny(root, tmp_path / "converted") / "text_encoder"
+        ),
+        QwenTextEncoder.from_pretrained(
+            root / "text_encoder", dtype="float32"
+        ),  # unconverted, in memory
     ):
         got, mask = enc.encode(prompts)
         assert rel_err(got, want) == 0.0

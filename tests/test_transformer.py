@@ -128,3 +128,27 @@ def test_bad_inputs_are_named(pair):
         ours(x, enc, None, mx.array([0.5]), [(1, 4, 4)])
     with pytest.raises(ValueError, match="encoder_hidden_states_mask"):
         ours(x, enc, mx.ones((1, 3)), mx.array([0.5]), [(1, 3, 5)])
+
+
+def test_compiled_blocks_match(pair):
+    """mx.compile'd blocks give the uncompiled output (float32: fusion may reorder rounding,
+    so 1e-5 of the output's max), with and without a mask, and follow replaced weights."""
+    _, ours = pair
+    x, enc, mask = inputs(2, 3, 5, T=7)
+    args = (mx.array(x.numpy()), mx.array(enc.numpy()), mx.array(mask.numpy()), mx.array([0.4]))
+    shapes = [[(1, 3, 5)]] * 2
+    try:
+        plain = ours(*args, shapes)
+        ours.compile()
+        assert rel_err(ours(*args, shapes), plain) < 1e-5
+        nomask = ours(args[0], args[1], None, args[3], shapes)
+        ours.compile(False)
+        assert rel_err(nomask, ours(args[0], args[1], None, args[3], shapes)) < 1e-5
+        ours.compile()
+        w = ours.blocks[0].img_mlp.down.weight
+        ours.blocks[0].img_mlp.down.weight = w * 0.5  # a replaced weight must be seen
+        changed = ours(*args, shapes)
+        ours.blocks[0].img_mlp.down.weight = w
+        assert rel_err(changed, plain) > 1e-3
+    finally:
+        ours.compile(False)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
-from helpers import convert_tiny, rel_err, write_model_index
+from helpers import convert_tiny, randomize_vae, rel_err, write_model_index
 
-from convert import ConvertOptions
-from convert.vae import convert_weights
+from qwen_mlx.convert import ConvertOptions
+from qwen_mlx.convert.vae import convert_weights
 from qwen_mlx.models import vae as vae_mod
 from qwen_mlx.models.vae import QwenImageVAE, VAEConfig, run_tiled, tile_spans
 
@@ -31,30 +31,13 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random, on a scale that keeps activations O(1): conv weights
-    ~ 1/sqrt(fan_in of one temporal slice) (all three temporal taps differ), biases ~ 0.1,
-    norm gammas ~ 1 +- 0.5 (so neither zeros nor ones hide a bug)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.5 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * r)
-            else:
-                fan_in = p.shape[1] * p.shape[-1] * p.shape[-2]
-                p.copy_(r / math.sqrt(fan_in))
-
-
 def build(name: str, tmp_path_factory) -> tuple[AutoencoderKLQwenImage, QwenImageVAE, object]:
     cfg = CONFIGS[name]
     z = cfg["z_dim"]
     ref = AutoencoderKLQwenImage(
         **cfg, latents_mean=[0.1 * i for i in range(z)], latents_std=[1 + 0.1 * i for i in range(z)]
     )
-    randomize(ref, seed=len(name))
+    randomize_vae(ref, seed=len(name))
     ref.eval()
     root = tmp_path_factory.mktemp(name)
     ref.save_pretrained(root / "src" / "vae")
@@ -106,7 +89,7 @@ def test_folded_kernel_is_causal_conv3d_on_one_frame():
 
 def test_converted_layout(tiny):
     _, ours, root = tiny
-    from convert.io import load_folder
+    from qwen_mlx.io import load_folder
 
     weights = load_folder(root / "mlx" / "vae")
     assert not [k for k in weights if "time_conv" in k]

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-from helpers import write_model_index
+from helpers import RELEASED_SCHEDULER, randomize_vae, write_model_index
 from tiny_tokenizer import build_tokenizer
 from tiny_transformer import build_transformer
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 TEXT_HIDDEN = 16
-SCHEDULER = dict(
-    base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
-    max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
-    stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
-    use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False,
-)  # fmt: skip
+SCHEDULER = RELEASED_SCHEDULER
 
 
 def build_text_encoder(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
@@ -52,16 +46,7 @@ def build_vae(seed: int = 0) -> AutoencoderKLQwenImage:
         temperal_downsample=[False, True], latents_mean=[0.1 * i for i in range(z)],
         latents_std=[1 + 0.1 * i for i in range(z)],
     ).eval()  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.5 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * r)
-            else:
-                p.copy_(r / math.sqrt(p.shape[1] * p.shape[-1] * p.shape[-2]))
+    randomize_vae(vae, seed)
     return vae
 
 

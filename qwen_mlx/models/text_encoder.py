@@ -27,10 +27,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import BaseModelArgs, create_causal_mask, scaled_dot_product_attention
+from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 from mlx_lm.models.qwen2 import MLP
 
-from ..tokenizer import QwenTokenizer
+from qwen_mlx.config import ComponentConfig
+from qwen_mlx.loading import load_component, load_weights
+from qwen_mlx.tokenizer import QwenTokenizer
 
 # diffusers QwenImagePipeline (txt2img).
 PROMPT_TEMPLATE = (
@@ -44,7 +46,7 @@ LANGUAGE_MODEL_PREFIX = "language_model."
 
 
 @dataclass
-class TextEncoderConfig(BaseModelArgs):
+class TextEncoderConfig(ComponentConfig):
     """Language-model hyper-parameters; the defaults are Qwen2.5-VL-7B's."""
 
     hidden_size: int = 3584
@@ -63,27 +65,32 @@ class TextEncoderConfig(BaseModelArgs):
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, config: dict) -> TextEncoderConfig:
-        """From a Qwen2.5-VL config.json: ``text_config`` nested (transformers 5) or flat (older).
+    def normalize(cls, config: dict) -> dict:
+        """A Qwen2.5-VL config.json: ``text_config`` nested (transformers 5) or flat (older).
 
         As in transformers 5, a nested ``text_config`` wins over the flat keys; RoPE settings come
         from ``rope_parameters`` (new) or ``rope_scaling`` + ``rope_theta`` (old).
         """
-        text = config.get("text_config") or config
+        text = dict(config.get("text_config") or config)
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        args = cls.from_dict(text)
-        args.rope_theta = float(rope.get("rope_theta", text.get("rope_theta", args.rope_theta)))
-        args.mrope_section = list(rope.get("mrope_section", args.mrope_section))
+        if "rope_theta" in rope:
+            text["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            text["mrope_section"] = rope["mrope_section"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
             raise ValueError(f"unsupported rope type {rope_type!r} for the text encoder")
-        if args.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {args.hidden_act!r}")
-        if sum(args.mrope_section) != args.head_dim // 2:
+        return text
+
+    def __post_init__(self) -> None:
+        self.rope_theta = float(self.rope_theta)
+        self.mrope_section = list(self.mrope_section)
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+        if sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(
-                f"mrope_section {args.mrope_section} must sum to head_dim/2 = {args.head_dim // 2}"
+                f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
             )
-        return args
 
 
 def mrope_cos_sin(
@@ -219,25 +226,6 @@ class Qwen25VLTextModel(nn.Module):
         return self.norm(h)
 
 
-def _load_component(folder: Path, dtype: str | None) -> tuple[dict, dict[str, mx.array]]:
-    """(config, weights) of a text_encoder folder, converted on disk or converted now (lazily)."""
-    from convert import ConvertOptions, is_converted, iter_converted_component
-    from convert.io import load_folder, read_json
-    from convert.options import cast_floats
-
-    options = ConvertOptions(dtype=dtype or "bfloat16")  # validates dtype
-    if is_converted(folder):
-        weights = load_folder(folder)
-        if dtype is not None:
-            weights = cast_floats(weights, options.mx_dtype)
-        return read_json(folder / "config.json"), weights
-    config, shards = iter_converted_component(folder, options)
-    weights: dict[str, mx.array] = {}
-    for _, shard in shards:
-        weights.update({k: v for k, v in shard.items() if k.startswith(LANGUAGE_MODEL_PREFIX)})
-    return config, weights
-
-
 class QwenTextEncoder:
     """Prompt encoder: tokenizer + language model, with diffusers' ``encode_prompt`` semantics.
 
@@ -255,17 +243,22 @@ class QwenTextEncoder:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, root: str | Path, dtype: str | None = None) -> QwenTextEncoder:
-        """Load from a checkpoint ROOT (its ``text_encoder/`` and ``tokenizer/`` folders).
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | mx.Dtype | None = None,
+        tokenizer: str | Path | QwenTokenizer | None = None,
+    ) -> QwenTextEncoder:
+        """Load a ``text_encoder/`` folder (converted, or a Hugging Face one converted in memory
+        in bfloat16) and the tokenizer (default: the ``tokenizer/`` folder beside it).
 
-        ``root`` is normally a converted qwen-mlx checkpoint; an unconverted Hugging Face one is
-        converted in memory. ``dtype`` ("float32", "bfloat16", "float16") casts the weights;
-        None keeps the converted dtype (bfloat16 for an unconverted checkpoint). Weights load
-        lazily: nothing is read from disk until the first forward pass.
+        ``dtype`` ("float32", "bfloat16", "float16") casts the weights; None keeps the stored
+        dtype. Weights load lazily: nothing is read until the first forward pass.
         """
-        root = Path(root)
-        config, weights = _load_component(root / "text_encoder", dtype)
-        return cls.from_weights(config, weights, root / "tokenizer")
+        path = Path(path)
+        config, weights = load_component(path, dtype, convert_dtype="bfloat16")
+        tokenizer = path.parent / "tokenizer" if tokenizer is None else tokenizer
+        return cls.from_weights(config, weights, tokenizer, dtype=dtype, where=str(path))
 
     @classmethod
     def from_weights(
@@ -273,13 +266,15 @@ class QwenTextEncoder:
         config: dict,
         weights: dict[str, mx.array],
         tokenizer: str | Path | QwenTokenizer,
+        dtype: str | mx.Dtype | None = None,
+        where: str = "text_encoder",
     ) -> QwenTextEncoder:
         """From a text_encoder config and its converted weights (``language_model.*`` is loaded,
-        ``visual.*`` ignored) plus a tokenizer or its folder."""
-        model = Qwen25VLTextModel(TextEncoderConfig.from_hf(config))
+        ``visual.*`` ignored) plus a tokenizer or its folder; ``dtype`` casts the weights."""
+        model = Qwen25VLTextModel(TextEncoderConfig.from_dict(config))
         n = len(LANGUAGE_MODEL_PREFIX)
-        lm = [(k[n:], v) for k, v in weights.items() if k.startswith(LANGUAGE_MODEL_PREFIX)]
-        model.load_weights(lm, strict=True)
+        lm = {k[n:]: v for k, v in weights.items() if k.startswith(LANGUAGE_MODEL_PREFIX)}
+        load_weights(model, lm, where, dtype)
         if not isinstance(tokenizer, QwenTokenizer):
             tokenizer = QwenTokenizer.from_folder(tokenizer)
         return cls(model, tokenizer)
@@ -293,18 +288,10 @@ class QwenTextEncoder:
     def dtype(self) -> mx.Dtype:
         return self._model().dtype
 
-    def __call__(
-        self,
-        input_ids: mx.array | None,
-        attention_mask: mx.array | None = None,
-        position_ids: mx.array | None = None,
-        input_embeddings: mx.array | None = None,
-    ) -> mx.array:
-        """Last hidden states (B, T, hidden), after the final norm, in the weight dtype.
-
-        See ``Qwen25VLTextModel.__call__`` for the optional arguments.
-        """
-        return self._model()(input_ids, attention_mask, position_ids, input_embeddings)
+    def __call__(self, *args, **kwargs) -> mx.array:
+        """Last hidden states (B, T, hidden), after the final norm, in the weight dtype; the
+        arguments are ``Qwen25VLTextModel.__call__``'s."""
+        return self._model()(*args, **kwargs)
 
     def encode(
         self, prompts: list[str] | str, max_sequence_length: int = 512

@@ -7,7 +7,8 @@ computes in its weights' dtype, which the precision plan decides (see ``qwen_mlx
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,21 +17,24 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..precision import (
+from qwen_mlx.config import ComponentConfig
+from qwen_mlx.dtypes import is_float
+from qwen_mlx.loading import load_component, load_weights
+from qwen_mlx.precision import (
     PrecisionPlan,
     compute_dtype,
-    detect_variant,
     fold_weight,
     plan_dtype,
     resolve_plan,
     run_linear,
 )
+from qwen_mlx.variants import detect_variant
 
 F32 = mx.float32
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ComponentConfig):
     patch_size: int = 2
     in_channels: int = 64
     out_channels: int | None = 16
@@ -46,24 +50,20 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TransformerConfig:
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.axes_dims_rope = tuple(cfg.axes_dims_rope)
+    def __post_init__(self) -> None:
+        self.axes_dims_rope = tuple(self.axes_dims_rope)
         unsupported = [
             k
             for k in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
-            if getattr(cfg, k)
+            if getattr(self, k)
         ]
         if unsupported:
             raise ValueError(f"transformer config uses features not supported yet: {unsupported}")
-        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(
-                f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim "
-                f"{cfg.attention_head_dim}"
+                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                f"{self.attention_head_dim}"
             )
-        return cfg
 
     @property
     def inner_dim(self) -> int:
@@ -292,6 +292,28 @@ class OutputNorm(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
+class CompiledBlocks:
+    """Compiled block forwards, traced once per block (and per input shape).
+
+    ``inputs=block`` makes each call read the block's current parameters, so replaced weights
+    (a fused LoRA, a new cast) are seen; Python constants (norm eps, the FFN input scale) and
+    module types are baked in, so the model builds a new ``CompiledBlocks`` when those change.
+    A plain object, not a dict: ``nn.Module`` would treat a dict attribute as a child module.
+    """
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.fns: dict[int, Callable] = {}
+
+    def __call__(self, block: nn.Module) -> Callable:
+        if not self.enabled:
+            return block
+        fn = self.fns.get(id(block))
+        if fn is None:
+            fn = self.fns[id(block)] = mx.compile(block.__call__, inputs=block)
+        return fn
+
+
 def _normalize_shapes(img_shapes, batch: int) -> tuple[tuple[int, int, int], ...]:
     if img_shapes is None or len(img_shapes) == 0:
         raise ValueError("img_shapes is required: a (frames, h, w) per batch item")
@@ -318,6 +340,14 @@ class QwenImageTransformer(nn.Module):
         self.norm_out = OutputNorm(dim, 1e-6)
         self.proj_out = nn.Linear(dim, cfg.output_channels)
         self.plan = PrecisionPlan.uniform("float32", cfg.num_layers)
+        self.compiled = CompiledBlocks()
+
+    def compile(self, enabled: bool = True) -> QwenImageTransformer:
+        """Run each block through ``mx.compile`` (fused element-wise work, one graph per block
+        and input shape). Results equal the uncompiled model's; see
+        ``scripts/bench_transformer.py --compile`` for what it gains on a device."""
+        self.compiled = CompiledBlocks(enabled)
+        return self
 
     # -- loading
 
@@ -325,13 +355,11 @@ class QwenImageTransformer(nn.Module):
     def from_pretrained(
         cls, path: str | Path, plan: PrecisionPlan | str | None = None
     ) -> QwenImageTransformer:
-        """Load a converted ``transformer/`` folder. ``plan`` overrides the stored precision:
-        a PrecisionPlan, or a name (fp32, bf16, fp16, mixed, auto, or a dtype for a uniform
-        plan; see ``qwen_mlx.precision.make_plan``)."""
-        from convert.io import load_folder, read_json
-
-        path = Path(path)
-        return cls.from_weights(read_json(path / "config.json"), load_folder(path), plan, str(path))
+        """Load a ``transformer/`` folder (converted, or a diffusers one converted in memory in
+        float32). ``plan`` overrides the stored precision: a PrecisionPlan, or a name (fp32,
+        bf16, fp16, mixed, auto, or a dtype for a uniform plan; see ``precision.make_plan``)."""
+        config, weights = load_component(path)
+        return cls.from_weights(config, weights, plan, where=str(path))
 
     @classmethod
     def from_weights(
@@ -348,10 +376,7 @@ class QwenImageTransformer(nn.Module):
         refused unless ``plan`` has the very constants they were folded with.
         """
         model = cls(TransformerConfig.from_dict(config))
-        try:
-            model.load_weights(list(weights.items()), strict=True)
-        except ValueError as e:
-            raise ValueError(f"{where}: weights do not match the config: {e}") from e
+        load_weights(model, weights, where)
         n = model.config.num_layers
         model.plan = stored = PrecisionPlan.from_config(config, n)
         if isinstance(plan, str):
@@ -382,7 +407,14 @@ class QwenImageTransformer(nn.Module):
                 f"load them with plan={self.plan.name!r} (or no plan), or convert the original "
                 f"checkpoint again for {plan.name!r}"
             )
-        params = tree_flatten(self.parameters())
+        # Only floating arrays are folded and cast: packed quantized weights pass through (their
+        # scales and biases are floating and follow the plan, which sets the compute dtype).
+        params = [(k, v) for k, v in tree_flatten(self.parameters()) if is_float(v)]
+        if refold and any(k.endswith(".scales") for k, _ in params):
+            raise ValueError(
+                "quantized weights cannot be folded for another precision plan; quantize the "
+                f"checkpoint under {plan.name!r} instead"
+            )
         changed = []
         for k, v in params:
             new, folded = fold_weight(k, v, plan) if refold else (v, False)
@@ -400,6 +432,7 @@ class QwenImageTransformer(nn.Module):
                 norm.eps = layer.qk_norm_eps
             block.img_mlp.in_scale = block.txt_mlp.in_scale = layer.ffn_in_scale
         self.plan = plan
+        self.compiled = CompiledBlocks(self.compiled.enabled)  # constants changed: retrace
 
     # -- forward
 
@@ -461,6 +494,6 @@ class QwenImageTransformer(nn.Module):
         temb_act = nn.silu(self.time_embed(timestep))
 
         for block in self.blocks:
-            img, txt = block(img, txt, temb_act, mask, rope)
+            img, txt = self.compiled(block)(img, txt, temb_act, mask, rope)
 
         return run_linear(self.proj_out, self.norm_out(img, temb_act)).astype(F32)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from qwen_mlx.config import ComponentConfig
+from qwen_mlx.loading import load_component, load_weights
 
 # Released Qwen-Image values (diffusers' defaults for AutoencoderKLQwenImage).
 LATENTS_MEAN = (
@@ -41,7 +44,7 @@ ATTN_MAX_SCORES = 1 << 27  # attention score elements per query chunk
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ComponentConfig):
     base_dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -52,10 +55,8 @@ class VAEConfig:
     latents_mean: tuple[float, ...] = LATENTS_MEAN
     latents_std: tuple[float, ...] = LATENTS_STD
 
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+    def __post_init__(self) -> None:
+        cfg = self
         for name in (
             "dim_mult",
             "attn_scales",
@@ -76,7 +77,6 @@ class VAEConfig:
         for name in ("latents_mean", "latents_std"):
             if len(getattr(cfg, name)) != cfg.z_dim:
                 raise ValueError(f"VAE config: {name} needs z_dim = {cfg.z_dim} values")
-        return cfg
 
     @property
     def scale_factor(self) -> int:
@@ -406,26 +406,23 @@ class QwenImageVAE(nn.Module):
         self.decoder = Decoder(config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: mx.Dtype | None = None) -> QwenImageVAE:
-        """Load a converted ``vae/`` folder (an unconverted diffusers one is converted in
-        memory, in float32). ``dtype`` casts every weight after loading."""
-        from convert import ConvertOptions, is_converted, iter_converted_component
-        from convert.io import load_folder, read_json
+    def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype | None = None) -> QwenImageVAE:
+        """Load a ``vae/`` folder (converted, or a diffusers one converted in memory in
+        float32). ``dtype`` casts the weights after loading."""
+        config, weights = load_component(path)
+        return cls.from_weights(config, weights, dtype=dtype, where=str(path))
 
-        path = Path(path)
-        if is_converted(path):
-            config = read_json(path / "config.json")
-            weights = load_folder(path)
-        else:
-            config, shards = iter_converted_component(path, ConvertOptions(dtype="float32"))
-            weights = {k: v for _, shard in shards for k, v in shard.items()}
+    @classmethod
+    def from_weights(
+        cls,
+        config: dict,
+        weights: dict[str, mx.array],
+        dtype: str | mx.Dtype | None = None,
+        where: str = "vae",
+    ) -> QwenImageVAE:
+        """Build from a converted config and its MLX-named weights, cast to ``dtype`` if given."""
         model = cls(VAEConfig.from_dict(config))
-        if dtype is not None:
-            weights = {k: v.astype(dtype) for k, v in weights.items()}
-        try:
-            model.load_weights(list(weights.items()), strict=True)
-        except ValueError as e:
-            raise ValueError(f"{path}: weights do not match the config: {e}") from e
+        load_weights(model, weights, where, dtype)
         mx.eval(model.parameters())
         return model
 
@@ -450,9 +447,11 @@ class QwenImageVAE(nn.Module):
         z: mx.array,
         tile_size: int | None = DEFAULT_TILE_SIZE,
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        clip: bool = True,
     ) -> mx.array:
         """Latent (B, h, w, z_dim) in the VAE's own space (after z * std + mean) -> image
-        (B, s h, s w, 3) in [-1, 1], s = scale_factor.
+        (B, s h, s w, 3) in [-1, 1], s = scale_factor (unclipped with ``clip=False``, so a
+        caller can check finiteness first: clipping turns -inf into a silent black pixel).
 
         Latents with a side over ``tile_size`` (latent pixels; None never tiles) are decoded
         in tiles overlapping by ``tile_overlap``.
@@ -473,7 +472,7 @@ class QwenImageVAE(nn.Module):
             )
         else:
             x = self.decoder.local(x)
-        return mx.clip(x, -1.0, 1.0)
+        return mx.clip(x, -1.0, 1.0) if clip else x
 
     def encode(
         self,
