@@ -6,13 +6,15 @@ match bit for bit); the Euler update runs in float32 MLX.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from qwen_mlx.config import ComponentConfig
+from qwen_mlx.io import read_json
 
 # Scheduler overrides for the Lightning distilled LoRAs (4 or 8 steps, CFG 1).
 LIGHTNING_SCHEDULER = {
@@ -25,7 +27,7 @@ LIGHTNING_SCHEDULER = {
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(ComponentConfig):
     num_train_timesteps: int = 1000
     shift: float = 1.0
     use_dynamic_shifting: bool = True
@@ -41,26 +43,22 @@ class SchedulerConfig:
     use_beta_sigmas: bool = False
     stochastic_sampling: bool = False
 
-    @classmethod
-    def from_dict(cls, d: dict) -> SchedulerConfig:
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+    def __post_init__(self) -> None:
         unsupported = [
             k
             for k in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
                       "use_beta_sigmas", "stochastic_sampling")
-            if getattr(cfg, k)
+            if getattr(self, k)
         ]  # fmt: skip
         if unsupported:
             raise ValueError(f"scheduler options not supported: {unsupported}")
-        if cfg.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"unknown time_shift_type {cfg.time_shift_type!r}")
-        return cfg
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {self.time_shift_type!r}")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, **overrides) -> SchedulerConfig:
         path = Path(folder) / "scheduler_config.json"
-        d = json.loads(path.read_text()) if path.is_file() else {}
+        d = read_json(path) if path.is_file() else {}
         d.update(overrides)
         return cls.from_dict(d)
 
