@@ -113,3 +113,26 @@ def test_cli_convert(checkpoint, tmp_path):
     assert res.exit_code == 2 and "not found" in res.output
     res = runner.invoke(app, ["convert", str(src), str(tmp_path / "y"), "--dtype", "int3"])
     assert res.exit_code == 2 and "unsupported dtype" in res.output
+
+
+def test_parameter_counts_see_through_quantization(tmp_path):
+    """info counts a packed 4-bit weight as the parameters it stands for; scales and biases are
+    bytes, not parameters; casts leave the packed weight and its dtype alone."""
+    import json
+
+    import mlx.core as mx
+
+    from qwen_mlx.dtypes import cast_floats
+    from qwen_mlx.io import parameter_counts
+
+    w = mx.random.normal((128, 256))
+    packed, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    weights = {"a.weight": packed, "a.scales": scales, "a.biases": biases, "b.bias": mx.zeros(128)}
+    cast = cast_floats(weights, "bfloat16")
+    assert cast["a.weight"].dtype == mx.uint32 and cast["a.scales"].dtype == mx.bfloat16
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), cast)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"bits": 4}}))
+    params, nbytes, kinds = parameter_counts(tmp_path)
+    assert params == 128 * 256 + 128
+    assert kinds == {"Q4": 128 * 256, "BF16": 128}
+    assert nbytes == packed.nbytes + 2 * (scales.size + biases.size) + 2 * 128
