@@ -7,8 +7,10 @@ shard through that module's pure functions:
     convert_config(config: dict, options) -> dict   # may add keys under config["qwen_mlx"]
     prepare_options(folder: Path, options) -> options  # optional: fill options from the folder
 
-Everything else (tokenizer, scheduler, processor) is copied. The output is written to a
-temporary sibling folder and renamed into place, so a failed run leaves nothing behind.
+Everything else (tokenizer, scheduler, processor) is copied. Before anything is written, every
+component's config is checked against its weights' shapes (read from the shard headers). The
+output is written to a temporary sibling folder and renamed into place (see ``destination``:
+what may be replaced, the lock, interrupted runs), so a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +25,22 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from qwen_mlx.convert import destination
 from qwen_mlx.convert.errors import ConversionError
-from qwen_mlx.convert.io import iter_weights, read_json, save_shard, write_index
+from qwen_mlx.convert.io import (
+    iter_weights,
+    list_shards,
+    read_json,
+    save_shard,
+    shard_header,
+    write_index,
+)
 from qwen_mlx.convert.options import FORMAT_VERSION, ConvertOptions
+from qwen_mlx.dtypes import DTYPES
 from qwen_mlx.io import CONVERTED_COMPONENTS, is_converted
-from qwen_mlx.precision import component_dtype
+from qwen_mlx.precision import PLAN_NAMES, component_dtype
+from qwen_mlx.shapes import ConfigMismatchError, check_component
+from qwen_mlx.variants import normalize_variant
 
 
 def component_module(name: str) -> ModuleType | None:
@@ -51,14 +63,8 @@ def _converted_config(module: ModuleType, config: dict, options: ConvertOptions,
     return config
 
 
-def iter_converted_component(
-    folder: Path, options: ConvertOptions
-) -> tuple[dict, Iterator[tuple[str, dict[str, mx.array]]]]:
-    """(converted config, iterator of (shard stem, converted weights)) for one component folder.
-
-    Nothing is written: the pipeline uses this to load unconverted checkpoints in memory.
-    """
-    folder = Path(folder)
+def _prepared(folder: Path, options: ConvertOptions) -> tuple[ModuleType, dict, ConvertOptions]:
+    """(converter module, source config, options completed for this component)."""
     module = component_module(folder.name)
     if module is None:
         raise ConversionError(f"no converter for component {folder.name!r}")
@@ -69,6 +75,18 @@ def iter_converted_component(
     if options.precision:  # the plan also decides the VAE's and the text encoder's dtype
         dtype = component_dtype(options.precision, folder.name)
         options = replace(options, dtype=dtype) if dtype else options
+    return module, config, options
+
+
+def iter_converted_component(
+    folder: Path, options: ConvertOptions
+) -> tuple[dict, Iterator[tuple[str, dict[str, mx.array]]]]:
+    """(converted config, iterator of (shard stem, converted weights)) for one component folder.
+
+    Nothing is written: the pipeline uses this to load unconverted checkpoints in memory.
+    """
+    folder = Path(folder)
+    module, config, options = _prepared(folder, options)
     out_config = _converted_config(module, config, options, folder)
 
     def shards() -> Iterator[tuple[str, dict[str, mx.array]]]:
@@ -76,6 +94,33 @@ def iter_converted_component(
             yield path.name, module.convert_weights(weights, config, options)
 
     return out_config, shards()
+
+
+# Shape-only stand-ins: MLX arrays are lazy, so these are never allocated.
+_STAND_IN = {"F64": mx.float64, "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+def check_component_folder(folder: Path, options: ConvertOptions) -> None:
+    """Check a component's config against its weights' shapes without reading any tensor:
+    the converter runs on lazy stand-ins built from the shard headers."""
+    folder = Path(folder)
+    module, config, options = _prepared(folder, options)
+    out_config = _converted_config(module, config, options, folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in list_shards(folder):
+        stand_ins = {
+            name: mx.zeros(info.shape, dtype=_STAND_IN.get(info.dtype, mx.uint8))
+            for name, info in shard_header(shard).items()
+        }
+        try:
+            converted = module.convert_weights(stand_ins, config, options)
+        except ValueError as e:
+            raise ConversionError(f"{shard}: {e}") from e
+        shapes.update({k: tuple(v.shape) for k, v in converted.items()})
+    try:
+        check_component(folder.name, out_config, shapes, str(folder / "config.json"))
+    except ConfigMismatchError as e:
+        raise ConversionError(str(e)) from e
 
 
 def convert_component(src: Path, dst: Path, options: ConvertOptions) -> dict:
@@ -104,6 +149,20 @@ def convert_component(src: Path, dst: Path, options: ConvertOptions) -> dict:
     return config
 
 
+def checked_options(options: ConvertOptions) -> ConvertOptions:
+    """Options with the variant in canonical form; unknown names are refused up front."""
+    if options.precision is not None and options.precision not in (*PLAN_NAMES, *DTYPES, "auto"):
+        raise ConversionError(
+            f"unknown precision {options.precision!r}; choose one of {', '.join(PLAN_NAMES)}"
+        )
+    if options.variant is not None:
+        try:
+            options = replace(options, variant=normalize_variant(options.variant))
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+    return options
+
+
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -111,8 +170,13 @@ def convert_checkpoint(
     force: bool = False,
     log=None,
 ) -> Path:
-    """Convert a diffusers-layout checkpoint folder ``src`` into ``dst`` atomically."""
-    options = options or ConvertOptions()
+    """Convert a diffusers-layout checkpoint folder ``src`` into ``dst`` atomically.
+
+    Everything that can be checked is checked before anything is written (options, source
+    layout, each config against its weights' shapes, what DST is); see ``destination`` for
+    how DST is written, locked and, with ``force``, replaced.
+    """
+    options = checked_options(options or ConvertOptions())
     src, dst = Path(src), Path(dst)
     log = log or (lambda msg: None)
     if not src.is_dir():
@@ -120,36 +184,59 @@ def convert_checkpoint(
     if is_converted(src):
         raise ConversionError(f"{src} is already a qwen-mlx checkpoint")
     index = read_json(src / "model_index.json")
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} already exists; pass --force to overwrite it")
+    destination.check_destination(src, dst, force)
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    for name in components:
+        if not (src / name).is_dir():
+            raise ConversionError(f"missing component folder: {src / name}")
+    children = [c for c in sorted(src.iterdir()) if c.name != "model_index.json"]
+    children = [c for c in children if not c.name.startswith(".")]
+    for child in children:
+        if child.is_dir() and component_module(child.name) is not None:
+            check_component_folder(child, options)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
-        for name in components:
-            if not (src / name).is_dir():
-                raise ConversionError(f"missing component folder: {src / name}")
-        for child in sorted(src.iterdir()):
-            if child.name == "model_index.json" or child.name.startswith("."):
-                continue
-            if child.is_dir() and component_module(child.name) is not None:
-                log(f"converting {child.name}")
-                (tmp / child.name).mkdir()
-                convert_component(child, tmp / child.name, options)
-            elif child.is_dir():
-                log(f"copying {child.name}")
-                shutil.copytree(child, tmp / child.name)
-            else:
-                shutil.copy2(child, tmp / child.name)
-        index["qwen_mlx"] = {"format_version": FORMAT_VERSION, "dtype": options.dtype}
-        if options.precision:
-            index["qwen_mlx"]["precision"] = options.precision
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
+        created = destination.make_parents(dst.parent)
+    except OSError as e:
+        raise ConversionError(f"cannot create {dst.parent}: {e.strerror or e}") from e
+    try:
+        with destination.locked(dst, log), destination.signals_interrupt():
+            destination.remove_stale(dst, log)
+            destination.check_destination(src, dst, force)  # again, now that DST is ours
+            tmp = destination.make_temp(dst)
+            try:
+                _write(src, children, tmp, index, options, log)
+                destination.finish(tmp, dst, force, log)
+            except BaseException:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    log(f"removed the temporary folder {tmp}")
+                raise
+    except OSError as e:
+        destination.remove_created(created)
+        where = f" ({e.filename})" if e.filename else ""
+        raise ConversionError(f"cannot write {dst}: {e.strerror or e}{where}") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        destination.remove_created(created)
         raise
     return dst
+
+
+def _write(
+    src: Path, children: list[Path], tmp: Path, index: dict, options: ConvertOptions, log
+) -> None:
+    for child in children:
+        if child.is_dir() and component_module(child.name) is not None:
+            log(f"converting {child.name}")
+            (tmp / child.name).mkdir()
+            convert_component(child, tmp / child.name, options)
+        elif child.is_dir():
+            log(f"copying {child.name}")
+            shutil.copytree(child, tmp / child.name)
+        else:
+            shutil.copy2(child, tmp / child.name)
+    index = dict(index)
+    index["qwen_mlx"] = {"format_version": FORMAT_VERSION, "dtype": options.dtype}
+    if options.precision:
+        index["qwen_mlx"]["precision"] = options.precision
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

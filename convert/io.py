@@ -30,6 +30,17 @@ def read_json(path: Path) -> dict:
         return runtime_io.read_json(path)
 
 
+def list_shards(folder: Path) -> list[Path]:
+    with conversion_errors():
+        return runtime_io.list_shards(folder)
+
+
+def shard_header(path: Path) -> dict[str, runtime_io.TensorInfo]:
+    """The tensors of one shard from its header (checked against the file's size)."""
+    with conversion_errors():
+        return runtime_io.tensor_infos(path)
+
+
 def iter_weights(folder: Path) -> Iterator[tuple[Path, dict[str, mx.array]]]:
     with conversion_errors():
         shards = runtime_io.list_shards(folder)

@@ -55,10 +55,14 @@ def convert(
         str | None,
         typer.Option(help="Model variant for the fp16 scale table (default: detected)"),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite DST if it exists")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace DST if it is an empty folder or a qwen-mlx checkpoint"),
+    ] = False,
 ) -> None:
     """Convert a Qwen-Image checkpoint to MLX (runs on any machine with MLX, no GPU needed)."""
     from qwen_mlx.convert import ConvertOptions, convert_checkpoint
+    from qwen_mlx.convert.errors import ConversionInterrupted
 
     from .device import auto_precision
 
@@ -72,9 +76,13 @@ def convert(
                 f"unknown precision {precision!r}; choose fp32, bf16, fp16, mixed, auto"
             )
         options = ConvertOptions(dtype=dtype, precision=precision, variant=variant)
-        out = convert_checkpoint(
-            src, dst, options, force=force, log=lambda m: typer.echo(m, err=True)
-        )
+        try:
+            out = convert_checkpoint(
+                src, dst, options, force=force, log=lambda m: typer.echo(m, err=True)
+            )
+        except (KeyboardInterrupt, ConversionInterrupted) as e:
+            typer.echo(f"error: {e or 'interrupted'}; nothing was written to {dst}", err=True)
+            raise typer.Exit(128 + getattr(e, "signum", 2)) from None
         typer.echo(f"wrote {out} ({precision or dtype}) in {time.perf_counter() - start:.1f} s")
 
 
