@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,16 +28,44 @@ class UserError(Exception):
     """A problem with the user's input: reported in one line, exit code 2."""
 
 
+DEBUG_ENV = "QWEN_MLX_DEBUG"  # =1: let tracebacks through
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 @contextmanager
 def user_errors():
-    """Turn expected failures into one-line messages and exit code 2, never a traceback."""
+    """Turn every failure into a one-line message, never a traceback (``QWEN_MLX_DEBUG=1``
+    shows it): exit code 2 for what the user can fix (input, files, memory), 1 for anything
+    unexpected, 130 for Ctrl-C."""
     from qwen_mlx.errors import QwenMLXError
 
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         yield
-    except (UserError, QwenMLXError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
+    except typer.Exit:
+        raise
+    except (UserError, QwenMLXError, ValueError, OSError, MemoryError, OverflowError) as e:
+        if debug:
+            raise
+        typer.echo(f"error: {one_line(e)}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.echo("error: interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        typer.echo(
+            f"error: unexpected {type(e).__name__}: {one_line(e)} "
+            f"({DEBUG_ENV}=1 shows the traceback)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -108,11 +137,15 @@ def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
     return [output.with_name(f"{output.stem}-{s}{output.suffix}") for s in seeds]
 
 
-def save_png(image, path: Path, params: dict) -> None:
-    """Write atomically with the generation parameters (A1111 text + JSON chunks)."""
+def save_png(image, path: Path, params: dict, overwrite: bool = False) -> tuple[Path, str | None]:
+    """Write with the generation parameters (A1111 text + JSON chunks), never clobbering a file
+    unless ``overwrite``: returns (where it was written, why not ``path`` or None); see
+    ``qwen_mlx.outputs``."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
+
+    from .outputs import save_exclusive
 
     info = PngInfo()
     a1111 = (
@@ -123,14 +156,8 @@ def save_png(image, path: Path, params: dict) -> None:
         f"Version: qwen-mlx {params['version']}"
     )
     info.add_text("parameters", a1111)
-    info.add_text("qwen_mlx", json.dumps(params, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    info.add_text("qwen_mlx", json.dumps(params, ensure_ascii=False, allow_nan=False))
+    return save_exclusive(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
 class Progress:
@@ -177,12 +204,19 @@ def generate(
     ] = None,
     max_sequence_length: Annotated[int, typer.Option(help="Prompt token limit")] = 512,
     low_memory: Annotated[bool, typer.Option(help="Free the transformer before decoding")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace existing PNGs (by default an existing file is an error)")
+    ] = False,
+    ignore_memory_limit: Annotated[
+        bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
+    ] = False,
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
     import mlx.core as mx
     import numpy as np
 
-    from . import __version__
+    from . import __version__, checks, memory
+    from .outputs import check_outputs
     from .pipeline import QwenImagePipeline, check_size, random_seed, to_pil
 
     with user_errors():
@@ -192,15 +226,37 @@ def generate(
             if width is not None or height is not None:
                 raise UserError("give either --aspect or --width/--height, not both")
             width, height = ASPECTS[aspect]
-        width, height = width or 1024, height or 1024
+        width = 1024 if width is None else width
+        height = 1024 if height is None else height
+        # Everything that can be checked is checked before anything loads.
         check_size(height, width)
-        if steps < 1:
-            raise UserError(f"--steps must be at least 1, got {steps}")
-        seeds = list(seed) if seed else [random_seed()]
+        checks.check_steps(steps, name="--steps")
+        checks.check_cfg(cfg)
+        checks.check_int("--max-sequence-length", max_sequence_length, 1, 1024)
+        seeds = checks.check_seeds(list(seed)) if seed else [random_seed()]
+        if len(set(seeds)) != len(seeds):
+            raise UserError("each --seed may be given once")
         paths = output_paths(output, seeds)
+        check_outputs(paths, overwrite)
 
         start = time.perf_counter()
         pipe = QwenImagePipeline.from_pretrained(model, precision=precision)
+        pipe.check_components()
+        request = memory.Request(
+            width=width,
+            height=height,
+            cfg=cfg > 1,
+            max_sequence_length=max_sequence_length,
+            low_memory=low_memory,
+            precision=pipe.precision if isinstance(pipe.precision, str) else None,
+        )
+        try:
+            memory.check_source(pipe.source, request)
+        except memory.MemoryLimitError as e:
+            if not ignore_memory_limit:
+                raise
+            typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+        misplaced = []
 
         def finish(s: int, path: Path, latents) -> None:
             image = to_pil(np.array(pipe.decode(latents, height, width)))[0]
@@ -216,8 +272,11 @@ def generate(
                 "precision": pipe.precision_name,
                 "version": __version__,
             }
-            save_png(image, path, params)
-            typer.echo(f"wrote {path} (seed {s})")
+            where, why = save_png(image, path, params, overwrite)
+            if why:
+                misplaced.append(where)
+                typer.echo(f"warning: {why}; saved the image as {where} instead", err=True)
+            typer.echo(f"wrote {where} (seed {s})")
 
         # Each component loads once and each prompt is encoded once for all seeds (the pipeline
         # caches prompt embeddings). With --low-memory every seed is sampled first, then the
@@ -249,44 +308,84 @@ def generate(
             f"{len(seeds)} image(s) {width}x{height}, {steps} steps in {elapsed:.1f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
+        if misplaced:
+            raise typer.Exit(1)  # every image is saved, but not all where asked
+
+
+def tensor_counts(tensors: dict) -> tuple[int, int, dict[str, int]]:
+    """(parameters, bytes, {dtype: parameters}) of {name: TensorInfo} (hub headers)."""
+    dtypes: dict[str, int] = {}
+    for t in tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.size
+    return sum(dtypes.values()), sum(t.nbytes for t in tensors.values()), dtypes
 
 
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Converted or diffusers folder, or hub repo id")],
+    width: Annotated[int, typer.Option(help="Width for the memory estimate")] = 1024,
+    height: Annotated[int, typer.Option(help="Height for the memory estimate")] = 1024,
+    precision: Annotated[
+        str | None, typer.Option(help="Precision plan for the memory estimate (default: stored)")
+    ] = None,
+    low_memory: Annotated[bool, typer.Option(help="Estimate with --low-memory")] = False,
 ) -> None:
-    """Components, parameter counts, dtypes and estimated memory of a model."""
+    """Components, parameter counts, dtypes and estimated peak memory of a model (from the
+    safetensors headers: nothing is loaded, downloaded or converted)."""
+    from . import memory
     from .io import parameter_counts
-    from .loading import resolve
+    from .loading import is_hub_id, resolve
+    from .pipeline import check_size
 
     with user_errors():
-        source = resolve(model)
-        typer.echo(f"model: {model}  ({'converted' if source.converted else 'diffusers layout'})")
-        typer.echo(f"folder: {source.root}")
-        sizes = {}
-        for name in ("text_encoder", "transformer", "vae"):
-            if not source.has(name):
+        check_size(height, width)
+        request = memory.Request(width, height, precision=precision, low_memory=low_memory)
+        if is_hub_id(model) and not Path(model).expanduser().exists():
+            from .remote import hub_headers
+
+            tensors, configs = hub_headers(model)
+            typer.echo(f"model: {model}  (hub, headers only: nothing downloaded or converted)")
+            counts = {c: tensor_counts(t) for c, t in tensors.items()}
+            source, load_dtype = None, "bfloat16"
+        else:
+            source = resolve(model)
+            kind = "converted" if source.converted else "diffusers layout"
+            typer.echo(f"model: {model}  ({kind})")
+            typer.echo(f"folder: {source.root}")
+            names = [c for c in memory.COMPONENTS if source.has(c)]
+            counts = {c: parameter_counts(source.folder(c)) for c in names}
+        for name in memory.COMPONENTS:
+            if name not in counts:
                 typer.echo(f"  {name:13s} missing")
                 continue
-            params, nbytes, dtypes = parameter_counts(source.root / name)
-            sizes[name] = nbytes
-            kinds = ", ".join(f"{k} {v / params:.0%}" for k, v in sorted(dtypes.items()))
+            params, nbytes, dtypes = counts[name]
+            kinds = ", ".join(f"{k} {v / max(params, 1):.0%}" for k, v in sorted(dtypes.items()))
             typer.echo(
                 f"  {name:13s} {params / 1e9:7.3f} B params  {nbytes / 2**30:7.2f} GiB  [{kinds}]"
             )
-        if source.has("transformer"):
-            from .device import auto_precision
+        if source is not None and source.has("transformer"):
             from .precision import PrecisionPlan
 
             config = source.config("transformer")
             if source.converted:
                 plan = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
                 typer.echo(f"precision plan: {plan.describe()}")
-            name, why = auto_precision()
-            typer.echo(f"auto precision on this machine: {name} ({why})")
-        # The text encoder is freed before denoising: peak = the larger of the two phases.
-        peak = max(sizes.get("text_encoder", 0), sizes.get("transformer", 0) + sizes.get("vae", 0))
-        typer.echo(f"estimated peak weight memory: {peak / 2**30:.2f} GiB (plus activations)")
+        from .device import auto_precision
+
+        name, why = auto_precision()
+        typer.echo(f"auto precision on this machine: {name} ({why})")
+        if source is not None:
+            tensors, configs, load_dtype = memory.source_inputs(source)
+        est = memory.estimate(tensors, request, configs, load_dtype)
+        limit, where = memory.machine_memory()
+        typer.echo(
+            f"estimated peak memory at {width}x{height}: {est.describe()}; "
+            f"this machine: {memory.gib(limit)} ({where})"
+        )
+        if est.peak > limit:
+            fits = memory.alternatives(tensors, request, configs, limit, load_dtype)
+            hint = "; ".join(f"{f.label} (~{memory.gib(f.peak)})" for f in fits) or "nothing"
+            typer.echo(f"does not fit; would fit: {hint}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -115,6 +115,12 @@ class ModelSource:
         return read_json(self.folder(name) / "config.json")
 
 
+def is_hub_id(src: str | Path) -> bool:
+    """Shaped like a hub repo id (``org/name``), not like a path (``./x``, ``/x``, ``~/x``)."""
+    text = str(src)
+    return bool(REPO_ID.match(text)) and not text.startswith((".", "~", "/"))
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("QWEN_MLX_CACHE", Path.home() / ".cache" / "qwen-mlx"))
 
@@ -132,8 +138,8 @@ def resolve(
             raise ModelNotFoundError(f"{path} is not a Qwen-Image checkpoint (no model_index.json)")
         index = read_json(path / "model_index.json")
         return ModelSource(path, "qwen_mlx" in index, str(src), dtype, index)
-    if not REPO_ID.match(str(src)):
-        raise ModelNotFoundError(f"model not found: {src} (neither a folder nor a hub repo id)")
+    if not is_hub_id(src):
+        raise ModelNotFoundError(f"no such folder: {src}")
     root = hub_checkpoint(str(src), dtype, revision, cache_dir)
     return ModelSource(root, True, str(src), dtype, read_json(root / "model_index.json"))
 
@@ -156,7 +162,9 @@ def hub_checkpoint(
             )
         )
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
-        raise ModelNotFoundError(f"cannot get {repo_id} from the hub: {e}") from e
+        raise ModelNotFoundError(
+            f"{repo_id}: no such folder, and cannot get it from the hub: {e}"
+        ) from e
     dst = cache_root() / repo_id.replace("/", "--") / f"{snapshot.name}-{dtype}"
     if is_converted(dst):
         return dst

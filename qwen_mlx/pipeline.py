@@ -21,6 +21,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from qwen_mlx import checks
+from qwen_mlx.checks import check_size
 from qwen_mlx.device import auto_precision
 from qwen_mlx.errors import NonFiniteError
 from qwen_mlx.loading import ModelSource, resolve
@@ -35,16 +37,6 @@ Embeds = tuple[mx.array, mx.array | None]  # (B, T, D) float32 embeddings, (B, T
 StepHook = Callable[[int, mx.array], mx.array]
 
 __all__ = ["NonFiniteError", "QwenImagePipeline", "check_size", "pack_latents", "unpack_latents"]
-
-
-def check_size(height: int, width: int, multiple: int = 16) -> None:
-    """Sizes must be multiples of 16 (8x VAE, 2x2 patches): say what they would round to."""
-    for name, v in (("height", height), ("width", width)):
-        if v < multiple:
-            raise ValueError(f"{name} {v} is too small; the minimum is {multiple}")
-        if v % multiple:
-            lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
-            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {lo} or {hi}")
 
 
 def pack_latents(z: mx.array) -> mx.array:
@@ -97,6 +89,8 @@ def _as_list(prompt: str | Sequence[str] | None) -> list[str]:
 def to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
+    if not np.isfinite(images).all():  # NaN would become a black pixel
+        raise NonFiniteError("the image is non-finite (NaN/inf)")
     return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
 
 
@@ -104,10 +98,11 @@ def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
     """One seed per image: a list as given, an int s as s, s+1, ... (so image i of seed s is
     the image of seed s+i alone), None as a fresh random base."""
     if isinstance(seed, (list, tuple)):
-        return [int(s) for s in seed]
+        return checks.check_seeds(list(seed))
     if seed is None:
         seed = random_seed()
-    return [int(seed) + i for i in range(batch)]
+    base = checks.check_seeds([seed], batch)[0]
+    return [base + i for i in range(batch)]
 
 
 def random_seed() -> int:
@@ -135,6 +130,7 @@ class QwenImagePipeline:
             source.root / "scheduler", **(scheduler_overrides or {})
         )
         self._components: dict[str, object] = {}
+        self._checked = False  # every component's config against its weights' shapes
         self._prompts: OrderedDict[tuple[str, int], Embeds] = OrderedDict()
         self.timings: dict[str, float] = {}
         vae_config = source.config("vae")
@@ -164,6 +160,16 @@ class QwenImagePipeline:
 
     # -- components (built on first use, freed with ``free``)
 
+    def check_components(self) -> None:
+        """Check every component's config against its weights' shapes, from the headers (no
+        tensor read), once: runs before the first component loads, so a mismatch is an error
+        before any expensive stage, not after minutes of text encoding."""
+        if not self._checked:
+            from qwen_mlx.shapes import check_source
+
+            check_source(self.source)
+            self._checked = True
+
     def _component_dtype(self, name: str) -> str | None:
         """The dtype the precision plan gives the VAE / text encoder (None: as stored)."""
         return component_dtype(self.precision, name) if isinstance(self.precision, str) else None
@@ -173,6 +179,7 @@ class QwenImagePipeline:
         if "transformer" not in self._components:
             from qwen_mlx.models.transformer import QwenImageTransformer
 
+            self.check_components()
             config, weights = self.source.component("transformer")
             model = QwenImageTransformer.from_weights(
                 config, weights, self.precision, where=str(self.source.folder("transformer"))
@@ -185,6 +192,7 @@ class QwenImagePipeline:
         if "vae" not in self._components:
             from qwen_mlx.models.vae import QwenImageVAE
 
+            self.check_components()
             config, weights = self.source.component("vae")
             self._components["vae"] = QwenImageVAE.from_weights(
                 config, weights, self._component_dtype("vae"), where=str(self.source.folder("vae"))
@@ -196,6 +204,7 @@ class QwenImagePipeline:
         if "text_encoder" not in self._components:
             from qwen_mlx.models.text_encoder import QwenTextEncoder
 
+            self.check_components()
             config, weights = self.source.component("text_encoder")
             self._components["text_encoder"] = QwenTextEncoder.from_weights(
                 config,
@@ -248,12 +257,13 @@ class QwenImagePipeline:
         """Encode the prompts not cached yet in one text-encoder forward; keep each unpadded."""
         if not 1 <= max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length must be in 1..1024, got {max_sequence_length}")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be strings")
+        checks.check_prompts(list(prompts), "prompts")
         keys = [(p, max_sequence_length) for p in prompts]
         new = list(dict.fromkeys(k for k in keys if k not in self._prompts))
         if new:
             embeds, mask = self.text_encoder.encode([p for p, _ in new], max_sequence_length)
+            mx.eval(embeds)
+            check_finite(embeds, "the text encoder's output")
             lengths = [embeds.shape[1]] * len(new) if mask is None else mask.sum(axis=1).tolist()
             for i, key in enumerate(new):
                 row = embeds[i : i + 1, : int(lengths[i])]
@@ -285,6 +295,7 @@ class QwenImagePipeline:
                     f"latents must be packed (B, L, C) = ({batch}, {L}, {channels}) for this "
                     f"size and batch, got {tuple(latents.shape)}"
                 )
+            check_finite(latents, "latents")
             return latents
         seeds = image_seeds(seed, batch)
         if len(seeds) != batch:
@@ -410,11 +421,10 @@ class QwenImagePipeline:
         """
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        check_size(height, width, self.vae_scale * PATCH)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise ValueError("num_images_per_prompt must be at least 1")
+        self.check_request(
+            prompt, negative_prompt, width, height, num_inference_steps, true_cfg_scale, seed,
+            num_images_per_prompt, max_sequence_length, sigmas, prompt_embeds,
+        )  # fmt: skip
         do_cfg = true_cfg_scale > 1 and (
             negative_prompt is not None or negative_prompt_embeds is not None
         )
@@ -464,6 +474,41 @@ class QwenImagePipeline:
         self.timings["decode"] = time.perf_counter() - start
         return images if output_type == "np" else to_pil(images)
 
+    def check_request(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        width: int = 1024,
+        height: int = 1024,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        seed=None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+        sigmas=None,
+        prompt_embeds=None,
+    ) -> None:
+        """Every argument of ``__call__`` checked before anything runs (one-line ValueErrors),
+        then every component's config against its weights' shapes."""
+        check_size(height, width, self.vae_scale * PATCH)
+        checks.check_steps(num_inference_steps)
+        checks.check_cfg(true_cfg_scale)
+        checks.check_int("num_images_per_prompt", num_images_per_prompt, 1, checks.MAX_IMAGES)
+        checks.check_int("max_sequence_length", max_sequence_length, 1, 1024)
+        if prompt_embeds is None and prompt is not None:
+            n = len(checks.check_prompts(prompt))
+        else:
+            n = 1 if prompt_embeds is None else len(prompt_embeds)
+        if negative_prompt is not None:
+            checks.check_prompts(negative_prompt, "negative_prompt")
+        if sigmas is not None:
+            checks.check_sigmas(sigmas, num_inference_steps)
+        if seed is not None:
+            seeds = image_seeds(seed, n * num_images_per_prompt)
+            if len(seeds) != n * num_images_per_prompt:
+                raise ValueError(f"{len(seeds)} seeds for {n * num_images_per_prompt} images")
+        self.check_components()
+
     def _prompt_stage(
         self,
         prompt: str | list[str] | None,
@@ -480,6 +525,7 @@ class QwenImagePipeline:
         if prompt is not None:
             raise ValueError(f"pass {which}prompt or {which}prompt_embeds, not both")
         embeds = mx.array(embeds, dtype=mx.float32)
+        check_finite(embeds, f"{which}prompt_embeds")
         dim = int(self.transformer_config().get("joint_attention_dim", 3584))
         if embeds.ndim != 3 or embeds.shape[-1] != dim:
             raise ValueError(f"{which}prompt_embeds must be (B, T, {dim}), got {embeds.shape}")

@@ -18,10 +18,12 @@ from typing import Any
 
 from mlx.utils import tree_flatten
 
+from qwen_mlx.errors import CheckpointError
+
 Shapes = dict[str, tuple[int, ...]]
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(CheckpointError):
     """A component's config does not describe its weights."""
 
 
@@ -161,3 +163,26 @@ def check_component(component: str, config: dict, shapes: Shapes, where: str) ->
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         shown = "; ".join(problems[:3]) + more
         raise ConfigMismatchError(f"{where}: config does not match the weights: {shown}")
+
+
+def check_source(source) -> None:
+    """Check every component of a ``loading.ModelSource`` from headers alone (no tensor is
+    read): converted components directly, unconverted ones through the converter's own check."""
+    from qwen_mlx.io import folder_tensors, is_converted, read_json
+
+    for name in IMPLIED:
+        if not source.has(name):
+            continue
+        folder = source.folder(name)
+        if is_converted(folder):
+            shapes = {k: v.shape for k, v in folder_tensors(folder).items()}
+            config = folder / "config.json"
+            check_component(name, read_json(config), shapes, str(config))
+        else:
+            from qwen_mlx.convert import ConversionError, ConvertOptions
+            from qwen_mlx.convert.convert import check_component_folder
+
+            try:
+                check_component_folder(folder, ConvertOptions(dtype=source.dtype))
+            except ConversionError as e:
+                raise CheckpointError(str(e)) from e

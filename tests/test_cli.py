@@ -100,7 +100,7 @@ def test_bad_arguments(model, tmp_path, monkeypatch, args, message):
 
 def test_bad_models(model, tmp_path):
     res = runner.invoke(app, ["generate", "--model", str(tmp_path / "missing"), "-p", "x"])
-    assert res.exit_code == 2 and "model not found" in res.output
+    assert res.exit_code == 2 and f"no such folder: {tmp_path / 'missing'}" in res.output
     broken = tmp_path / "broken"
     shutil.copytree(model, broken)
     shutil.rmtree(broken / "vae")

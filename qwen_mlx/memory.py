@@ -1,0 +1,376 @@
+"""Will a generation fit in this machine's memory? Estimated before anything is loaded.
+
+On a Mac, running past memory does not crash: the machine swaps until it is unusable. So the
+peak is estimated first, from the checkpoint's safetensors headers (no tensor is read) and the
+request, and compared with what the machine has:
+
+    peak = max over stages of (weights held during the stage + that stage's activations)
+
+Stages and what they hold (``STAGES``): prompt encoding holds the text encoder's language model
+(the vision tower stays on disk), denoising the transformer, decoding the VAE plus the
+transformer unless ``low_memory`` frees it first. Weight bytes are what each tensor will occupy
+once loaded: its stored size, or its size in the dtype a precision plan or an in-memory
+conversion gives it, or ``quant_bits`` bits per weight (+ a scale and a bias per group) for
+weights quantized on load. Activation terms are fitted to measurements
+(``scripts/measure_memory.py``) and rounded up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.io import DTYPE_BYTES, TensorInfo, folder_tensors
+
+GiB = 2**30
+DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+COMPONENTS = ("text_encoder", "transformer", "vae")
+STAGES: dict[str, tuple[str, ...]] = {
+    "encode": ("text_encoder",),
+    "denoise": ("transformer",),
+    "decode": ("vae", "transformer"),  # low_memory frees the transformer first
+}
+# Activation factors measured by scripts/measure_memory.py on a CPU (where convolutions unfold
+# their inputs, so they are upper bounds for Metal), rounded up; see the closing note.
+TRANSFORMER_BYTES_PER_TOKEN_UNIT = {4: 104, 2: 72}  # per token x inner_dim, by compute dtype
+VAE_BYTES_PER_PIXEL_UNIT = 120  # per output pixel x base_dim in float32 (x dtype size / 4)
+TEXT_BYTES_PER_TOKEN_UNIT = 40  # per prompt token x hidden size (from the layer widths)
+TEMPLATE_TOKENS = 34  # the prompt template's tokens (dropped after encoding)
+MEMORY_ENV = "QWEN_MLX_MEMORY_LIMIT"  # e.g. "24GiB": a budget instead of the machine's size
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a generation asks for, as far as memory is concerned."""
+
+    width: int = 1024
+    height: int = 1024
+    batch: int = 1  # images per transformer call
+    cfg: bool = True  # true CFG doubles the transformer batch
+    max_sequence_length: int = 512
+    low_memory: bool = False
+    precision: str | None = None  # plan override: fp32, bf16, fp16, mixed or a dtype name
+    quant_bits: int | None = None  # transformer weights quantized to this many bits on load
+    group_size: int = 64  # quantization group (one scale and one bias per group)
+    vae_tile: int | None = 128  # VAE decode tile side in latent pixels (None: untiled)
+
+
+@dataclass
+class Estimate:
+    weights: dict[str, int]  # bytes per component, as loaded
+    activations: dict[str, int]  # bytes per stage
+    request: Request
+    stages: dict[str, int] = field(default_factory=dict)  # peak bytes per stage
+
+    def __post_init__(self) -> None:
+        for stage, held in STAGES.items():
+            if stage == "decode" and self.request.low_memory:
+                held = ("vae",)
+            self.stages[stage] = sum(self.weights.get(c, 0) for c in held) + self.activations.get(
+                stage, 0
+            )
+
+    @property
+    def peak(self) -> int:
+        return max(self.stages.values(), default=0)
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=self.stages.get)
+
+    def describe(self) -> str:
+        stage = self.peak_stage
+        held = [c for c in STAGES[stage] if c in self.weights]
+        if stage == "decode" and self.request.low_memory:
+            held = ["vae"]
+        weights = sum(self.weights[c] for c in held)
+        return (
+            f"{gib(self.peak)} while {STAGE_VERBS[stage]} ({' + '.join(held)} weights "
+            f"{gib(weights)}, activations {gib(self.activations.get(stage, 0))})"
+        )
+
+
+STAGE_VERBS = {"encode": "encoding the prompt", "denoise": "denoising", "decode": "decoding"}
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 24GiB, 16G, 8e9)")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes the pipeline may use, where that figure comes from): ``$QWEN_MLX_MEMORY_LIMIT``,
+    else Metal's recommended working set (what stays resident on a Mac without swapping), else
+    the device's or the host's memory."""
+    if os.environ.get(MEMORY_ENV):
+        return parse_bytes(os.environ[MEMORY_ENV]), f"${MEMORY_ENV}"
+    from qwen_mlx.device import _device_info, memory_size
+
+    info = _device_info()
+    if info.get("max_recommended_working_set_size"):
+        return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    size = memory_size(info)
+    return (size, "this machine's memory") if size else (1 << 62, "unknown: not checked")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def loaded_tensors(tensors: dict[str, TensorInfo], component: str) -> dict[str, TensorInfo]:
+    """The tensors of ``component`` that generation loads: the text encoder's vision tower and
+    lm_head stay on disk."""
+    if component == "text_encoder":
+        return {k: v for k, v in tensors.items() if "visual" not in k and "lm_head" not in k}
+    return tensors
+
+
+def local_tensors(root: str | Path) -> dict[str, dict[str, TensorInfo]]:
+    """{component: {name: TensorInfo}} of a checkpoint folder, from its headers only."""
+    return {c: folder_tensors(Path(root) / c) for c in COMPONENTS if (Path(root) / c).is_dir()}
+
+
+def quantizable(name: str, info: TensorInfo, group_size: int) -> bool:
+    """MLX's default quantization predicate: Linear/Embedding weights whose rows split into
+    whole groups."""
+    return name.endswith(".weight") and len(info.shape) == 2 and info.shape[-1] % group_size == 0
+
+
+def weight_bytes(
+    tensors: dict[str, TensorInfo],
+    dtype_of=None,
+    quant_bits: int | None = None,
+    group_size: int = 64,
+) -> int:
+    """Bytes of ``tensors`` once loaded. ``dtype_of(name)`` gives a float tensor's dtype size in
+    memory (None: as stored); ``quant_bits`` quantizes eligible weights (scale and bias per
+    group in 2 bytes each); integer tensors (already quantized) count as stored."""
+    total = 0
+    for name, info in tensors.items():
+        if info.dtype not in FLOAT_DTYPES:
+            total += info.nbytes
+        elif quant_bits and quantizable(name, info, group_size):
+            total += info.size * quant_bits // 8 + info.size // group_size * 4
+        else:
+            size = dtype_of(name) if dtype_of is not None else None
+            total += info.size * (size or DTYPE_BYTES[info.dtype])
+    return total
+
+
+def _dtype_rule(component: str, config: dict, request: Request, load_dtype: str | None):
+    """dtype_of(name) for one component, or None (as stored)."""
+    from .precision import component_dtype, make_plan, plan_dtype
+
+    if request.precision and component == "transformer":
+        plan = make_plan(request.precision, None, int(config.get("num_layers", 60)))
+        return lambda name: plan_dtype(plan, re.sub(r"^transformer_blocks\.", "blocks.", name)).size
+    if request.precision:
+        dtype = component_dtype(request.precision, component)
+        if dtype:
+            return lambda _name: DTYPE_SIZE[dtype]
+    if load_dtype:  # an unconverted folder is converted in memory to this dtype
+        return lambda _name: DTYPE_SIZE[load_dtype]
+    return None
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def transformer_activations(inner: int, heads: int, batch: int, tokens: int, plan: str) -> int:
+    """One denoising step: streams, q/k/v and MLP hidden states per token x hidden unit; on a
+    CPU attention scores are materialised too (Metal's fused attention does not)."""
+    size = 4 if plan in ("fp32", "float32") else 2
+    total = batch * tokens * inner * TRANSFORMER_BYTES_PER_TOKEN_UNIT[size]
+    if not _on_gpu():
+        total += batch * heads * tokens * tokens * 4
+    return total
+
+
+def vae_activations(
+    base_dim: int, height: int, width: int, dtype_size: int, tile: int | None, scale: int = 8
+) -> int:
+    """One decode: the full-resolution feature maps dominate; tiles (``tile`` latent pixels a
+    side, plus their overlap) bound them."""
+    if tile:
+        side = (tile + 2 * 16) * scale  # a tile and its overlap margins, in pixels
+        height, width = min(height, side), min(width, side)
+    return height * width * base_dim * VAE_BYTES_PER_PIXEL_UNIT * dtype_size // 4
+
+
+def _on_gpu() -> bool:
+    try:
+        import mlx.core as mx
+
+        return mx.default_device() == mx.gpu
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+def estimate(
+    tensors: dict[str, dict[str, TensorInfo]],
+    request: Request,
+    configs: dict[str, dict],
+    load_dtype: str | None = None,
+) -> Estimate:
+    """The peak of one generation with ``request``.
+
+    ``tensors``: {component: its tensors} (``local_tensors``, or headers fetched from the hub);
+    ``configs``: each component's config.json; ``load_dtype``: the dtype an unconverted
+    checkpoint is converted to in memory (None for a converted one)."""
+    weights = {}
+    for comp in COMPONENTS:
+        if comp not in tensors:
+            continue
+        rule = _dtype_rule(comp, configs.get(comp, {}), request, load_dtype)
+        bits = request.quant_bits if comp == "transformer" else None
+        loaded = loaded_tensors(tensors[comp], comp)
+        weights[comp] = weight_bytes(loaded, rule, bits, request.group_size)
+    t = configs.get("transformer", {})
+    heads = int(t.get("num_attention_heads", 24))
+    inner = heads * int(t.get("attention_head_dim", 128))
+    vae = configs.get("vae", {})
+    scale = 2 ** len(vae.get("temperal_downsample", [False, True, True]))
+    tokens = (request.height // scale // 2) * (request.width // scale // 2)
+    text_tokens = request.max_sequence_length
+    plan = request.precision or _stored_plan(t)
+    te = configs.get("text_encoder", {})
+    te = te.get("text_config") or te
+    vae_size = 4 if plan in ("fp32", "float32", "fp16", "mixed") else 2  # the plans' VAE dtype
+    base_dim = int(vae.get("base_dim", 96))
+    activations = {
+        "encode": request.batch
+        * (text_tokens + TEMPLATE_TOKENS)
+        * int(te.get("hidden_size", 3584))
+        * TEXT_BYTES_PER_TOKEN_UNIT,
+        "denoise": transformer_activations(
+            inner, heads, request.batch * (2 if request.cfg else 1), tokens + text_tokens, plan
+        ),
+        "decode": request.batch
+        * vae_activations(
+            base_dim, request.height, request.width, vae_size, request.vae_tile, scale
+        ),
+    }
+    return Estimate(weights, activations, request)
+
+
+def _stored_plan(config: dict) -> str:
+    section = config.get("qwen_mlx", {})
+    plan = section.get("precision_plan", {})
+    return plan.get("name") or section.get("dtype") or "bf16"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A change to the request that would fit, with its estimated peak."""
+
+    label: str  # what to pass, e.g. "--precision fp16"
+    peak: int
+
+
+def alternatives(
+    tensors: dict[str, dict[str, TensorInfo]],
+    request: Request,
+    configs: dict[str, dict],
+    limit: int,
+    load_dtype: str | None = None,
+    quant_bits: Iterable[int] = (),
+) -> list[Fit]:
+    """Single changes that would bring the peak under ``limit``: lower precision,
+    quantization (the ``quant_bits`` on offer), ``--low-memory``, a smaller size."""
+    candidates: list[tuple[str, Request]] = []
+    if request.precision not in ("fp16", "bf16", "bfloat16", "float16"):
+        candidates.append(("--precision bf16", replace(request, precision="bf16")))
+    for bits in sorted(quant_bits, reverse=True):
+        if request.quant_bits is None or bits < request.quant_bits:
+            label = f"a checkpoint converted with --quantize {bits}"
+            candidates.append((label, replace(request, quant_bits=bits)))
+    if not request.low_memory:
+        candidates.append(("--low-memory", replace(request, low_memory=True)))
+    fits = [
+        Fit(label, e.peak)
+        for label, r in candidates
+        if (e := estimate(tensors, r, configs, load_dtype)).peak <= limit
+    ]
+    side = _largest_square(tensors, request, configs, limit, load_dtype)
+    if side:
+        smaller = estimate(tensors, replace(request, width=side, height=side), configs, load_dtype)
+        fits.append(Fit(f"--width {side} --height {side}", smaller.peak))
+    return fits
+
+
+def _largest_square(tensors, request: Request, configs, limit: int, load_dtype) -> int | None:
+    """The largest square side (multiple of 16, below the request) that fits, if any."""
+    lo, hi = 16, min(max(request.width, request.height), 1 << 15) // 16 * 16 - 16
+    smallest = replace(request, width=lo, height=lo)
+    if hi < lo or estimate(tensors, smallest, configs, load_dtype).peak > limit:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 16) // 32 * 16
+        r = replace(request, width=mid, height=mid)
+        if estimate(tensors, r, configs, load_dtype).peak <= limit:
+            lo = mid
+        else:
+            hi = mid - 16
+    return lo
+
+
+def check_fits(
+    tensors: dict[str, dict[str, TensorInfo]],
+    request: Request,
+    configs: dict[str, dict],
+    load_dtype: str | None = None,
+    quant_bits: Iterable[int] = (),
+) -> Estimate:
+    """The estimate, or MemoryError naming it, the machine's figure and what would fit."""
+    est = estimate(tensors, request, configs, load_dtype)
+    limit, where = machine_memory()
+    if est.peak <= limit:
+        return est
+    fits = alternatives(tensors, request, configs, limit, load_dtype, quant_bits)
+    hint = (
+        "would fit: " + "; ".join(f"{f.label} (~{gib(f.peak)})" for f in fits)
+        if fits
+        else "nothing smaller fits either"
+    )
+    raise MemoryLimitError(
+        f"this needs about {est.describe()}, more than the {gib(limit)} available ({where}); "
+        f"{hint}; or pass --ignore-memory-limit to try anyway"
+    )
+
+
+class MemoryLimitError(QwenMLXError, MemoryError):
+    """The estimated peak is above the machine's memory."""
+
+
+def source_inputs(source) -> tuple[dict, dict, str | None]:
+    """(tensors, configs, load_dtype) of a ``loading.ModelSource``, from headers only."""
+    tensors = local_tensors(source.root)
+    configs = {c: source.config(c) for c in tensors}
+    return tensors, configs, None if source.converted else source.dtype
+
+
+def source_estimate(source, request: Request) -> Estimate:
+    tensors, configs, load_dtype = source_inputs(source)
+    return estimate(tensors, request, configs, load_dtype)
+
+
+def check_source(source, request: Request, quant_bits: Iterable[int] = ()) -> Estimate:
+    """``check_fits`` for a ``loading.ModelSource``."""
+    tensors, configs, load_dtype = source_inputs(source)
+    return check_fits(tensors, request, configs, load_dtype, quant_bits)
