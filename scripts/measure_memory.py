@@ -12,21 +12,23 @@ output pixel (VAE), next to what ``qwen_mlx.memory`` predicts for the same call.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
+from _openblas import blas_in_use, preload_openblas  # scripts/ is on sys.path
 
-from qwen_mlx import memory
-from qwen_mlx.models.transformer import QwenImageTransformer, TransformerConfig
-from qwen_mlx.models.vae import QwenImageVAE, VAEConfig
-from qwen_mlx.precision import make_plan
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def nbytes(model) -> int:
+    from mlx.utils import tree_flatten
+
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def measure(fn) -> int:
+    import mlx.core as mx
+
     mx.eval(fn())  # warm up (compiled kernels, caches)
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -36,6 +38,12 @@ def measure(fn) -> int:
 
 
 def transformer(args) -> None:
+    import mlx.core as mx
+
+    from qwen_mlx import memory
+    from qwen_mlx.models.transformer import QwenImageTransformer, TransformerConfig
+    from qwen_mlx.precision import make_plan
+
     for plan_name in ("fp32", "bf16"):
         cfg = TransformerConfig(
             num_layers=args.layers, num_attention_heads=args.heads, joint_attention_dim=3584
@@ -64,6 +72,11 @@ def transformer(args) -> None:
 
 
 def vae(args) -> None:
+    import mlx.core as mx
+
+    from qwen_mlx import memory
+    from qwen_mlx.models.vae import QwenImageVAE, VAEConfig
+
     cfg = VAEConfig()  # the released VAE's configuration
     model = QwenImageVAE(cfg)
     mx.eval(model.parameters())
@@ -89,6 +102,10 @@ def main() -> None:
     p.add_argument("--vae-size", type=int, default=128, help="image side in pixels (VAE)")
     p.add_argument("--only", choices=["transformer", "vae"], help="measure one component")
     args = p.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
+    print(f"BLAS: {blas_in_use()}")
+    import mlx.core as mx
+
     print(f"device: {mx.default_device()}")
     if args.only != "vae":
         transformer(args)
