@@ -528,7 +528,6 @@ class LoraStack:
     def add(self, lora: LoRA, scale: float = 1.0) -> None:
         """Apply one more LoRA at ``scale``: fused into float weights, beside quantized ones."""
         lora.check(target_shapes(self.model))
-        changed = []
         for name, update in lora.updates.items():
             path, param = name.rsplit(".", 1)
             parent, key, module = _resolve(self.model, path)
@@ -543,7 +542,7 @@ class LoraStack:
                     module.add(update.down, up)
                 if update.diff is not None:
                     module.add_dense(fold_delta(name, update.diff.astype(F32) * scale, self.plan))
-                changed += [module.lora_a, module.lora_b, module.delta]
+                mx.eval([a for a in (module.lora_a, module.lora_b, module.delta) if a is not None])
                 continue
             current = base[param]
             if name not in self._fused and self.reload is None:
@@ -551,9 +550,8 @@ class LoraStack:
             self._fused.add(name)
             delta = fold_delta(name, update.delta() * scale, self.plan)
             new = (current.astype(F32) + delta).astype(current.dtype)
+            mx.eval(new)  # one weight at a time: float32 temporaries stay one weight's size
             setattr(base, param, new)
-            changed.append(new)
-        mx.eval([c for c in changed if c is not None])
         self.loras.append((lora, scale))
 
     def clear(self) -> None:
