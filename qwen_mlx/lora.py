@@ -39,7 +39,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .precision import PrecisionPlan, fold_weight
+from qwen_mlx.precision import PrecisionPlan, fold_weight
 
 F32 = mx.float32
 
@@ -528,6 +528,7 @@ class LoraStack:
     def add(self, lora: LoRA, scale: float = 1.0) -> None:
         """Apply one more LoRA at ``scale``: fused into float weights, beside quantized ones."""
         lora.check(target_shapes(self.model))
+        retrace = False
         for name, update in lora.updates.items():
             path, param = name.rsplit(".", 1)
             parent, key, module = _resolve(self.model, path)
@@ -543,6 +544,7 @@ class LoraStack:
                 if update.diff is not None:
                     module.add_dense(fold_delta(name, update.diff.astype(F32) * scale, self.plan))
                 mx.eval([a for a in (module.lora_a, module.lora_b, module.delta) if a is not None])
+                retrace = True
                 continue
             current = base[param]
             if name not in self._fused and self.reload is None:
@@ -553,6 +555,14 @@ class LoraStack:
             mx.eval(new)  # one weight at a time: float32 temporaries stay one weight's size
             setattr(base, param, new)
         self.loras.append((lora, scale))
+        if retrace:
+            self._retrace()
+
+    def _retrace(self) -> None:
+        """A compiled model bakes in module types and its inputs' structure: trace again."""
+        compiled = getattr(self.model, "compiled", None)
+        if compiled is not None and hasattr(self.model, "compile"):
+            self.model.compile(compiled.enabled)
 
     def clear(self) -> None:
         """Remove every LoRA: unwrap side paths and restore the fused weights."""
@@ -570,6 +580,8 @@ class LoraStack:
                 _, _, module = _resolve(self.model, path)
                 setattr(module, param, originals[name])
             mx.eval([originals[n] for n in names])
+        if self._wrapped:
+            self._retrace()
         self._fused.clear()
         self._originals.clear()
         self._wrapped.clear()

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _openblas import blas_in_use, preload_openblas  # noqa: E402  (scripts/ is on sys.path)
 
 FULL_LAYERS = 60
 LINEARS = (
@@ -214,8 +215,10 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--lora", help=argparse.SUPPRESS)
     args = p.parse_args()
+    preload_openblas()  # re-executes once with OpenBLAS on Linux CPU
     if args.child:
         return child(args)
+    print(f"BLAS: {blas_in_use()}")
 
     import mlx.core as mx
 

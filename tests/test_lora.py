@@ -23,9 +23,9 @@ from tiny_lora import (
 )
 from tiny_transformer import build_transformer, save_checkpoint
 
-from convert.io import load_folder, read_json
-from convert.rules import rename
-from convert.transformer import RULES
+from qwen_mlx.convert.rules import rename
+from qwen_mlx.convert.transformer import RULES
+from qwen_mlx.io import load_folder, read_json
 from qwen_mlx.lora import (
     LoraError,
     LoraLinear,
@@ -292,8 +292,8 @@ def test_quantized_side_path_and_fuse_before_quantize(tmp_path):
     loras = [(read_lora(path), 0.8), (read_lora(c), 1.0)]
 
     # LoRA + diff delta beside the quantized linears (the diff on to_q runs as a dense delta)
-    model = quantize(QwenImageTransformer.from_pretrained(model_dir))
-    base_q = np.array(run_ours(model))
+    model = quantize(QwenImageTransformer.from_pretrained(model_dir)).compile(True)
+    base_q = np.array(run_ours(model))  # traced once without the side paths
     stack = LoraStack(model)
     for lora, scale in loras:
         stack.add(lora, scale)
