@@ -499,16 +499,19 @@ class LoraStack:
 
     ``reload(names)`` returns the original weights ``names`` as the model stores them (its plan's
     dtype and folds); without it the weights a LoRA fuses into are copied before the first change
-    (memory: one copy of every touched float weight).
+    (memory: one copy of every touched float weight) unless ``keep_originals=False``, which
+    saves that memory and makes ``clear`` refuse (the pipeline drops the model instead).
     """
 
     def __init__(
         self,
         model: nn.Module,
         reload: Callable[[list[str]], dict[str, mx.array]] | None = None,
+        keep_originals: bool = True,
     ):
         self.model = model
         self.reload = reload
+        self.keep_originals = keep_originals
         self.loras: list[tuple[LoRA, float]] = []
         self._fused: set[str] = set()
         self._originals: dict[str, mx.array] = {}
@@ -547,7 +550,7 @@ class LoraStack:
                 retrace = True
                 continue
             current = base[param]
-            if name not in self._fused and self.reload is None:
+            if name not in self._fused and self.reload is None and self.keep_originals:
                 self._originals[name] = current
             self._fused.add(name)
             delta = fold_delta(name, update.delta() * scale, self.plan)
@@ -566,6 +569,8 @@ class LoraStack:
 
     def clear(self) -> None:
         """Remove every LoRA: unwrap side paths and restore the fused weights."""
+        if self._fused and self.reload is None and not self.keep_originals:
+            raise LoraError("the original weights were not kept: reload the model instead")
         for path in sorted(self._wrapped):
             parent, key, module = _resolve(self.model, path)
             _set_child(parent, key, module.linear)

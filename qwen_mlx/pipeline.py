@@ -21,11 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx import checks
+from qwen_mlx import checks, img2img
 from qwen_mlx.checks import check_size
 from qwen_mlx.device import auto_precision
 from qwen_mlx.errors import NonFiniteError
 from qwen_mlx.loading import ModelSource, resolve
+from qwen_mlx.lora import LoRA, LoraStack, fuse_weights, lora_key, read_lora, target_shapes
 from qwen_mlx.precision import PrecisionPlan, component_dtype
 from qwen_mlx.sampler import SchedulerConfig, euler_step, schedule, true_cfg
 
@@ -132,6 +133,8 @@ class QwenImagePipeline:
         self._components: dict[str, object] = {}
         self._checked = False  # every component's config against its weights' shapes
         self._prompts: OrderedDict[tuple[str, int], Embeds] = OrderedDict()
+        self._loras: list[tuple[LoRA, float]] = []
+        self._lora_stack: LoraStack | None = None
         self.timings: dict[str, float] = {}
         vae_config = source.config("vae")
         # 2x spatial down-sampling per temporal stage: 8 for the released VAE.
@@ -181,10 +184,21 @@ class QwenImagePipeline:
 
             self.check_components()
             config, weights = self.source.component("transformer")
+            # LoRAs loaded before the transformer are fused into the float weights before the
+            # plan folds and casts them (exact); quantized checkpoints get them beside.
+            fused = bool(self._loras) and not any(k.endswith(".scales") for k in weights)
+            if fused:
+                stored = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
+                weights = fuse_weights(weights, self._loras, stored)
             model = QwenImageTransformer.from_weights(
                 config, weights, self.precision, where=str(self.source.folder("transformer"))
             )
-            self._components["transformer"] = model.compile(self.compile)
+            model.compile(self.compile)
+            # Unloading drops the model (it reloads clean), so no copies of originals are kept.
+            self._lora_stack = LoraStack(model, keep_originals=False)
+            for lora, scale in [] if fused else self._loras:
+                self._lora_stack.add(lora, scale)
+            self._components["transformer"] = model
         return self._components["transformer"]
 
     @property
@@ -219,7 +233,54 @@ class QwenImagePipeline:
         """Drop components (all when none named) and return their memory to the system."""
         for name in names or list(self._components):
             self._components.pop(name, None)
+            if name == "transformer":
+                self._lora_stack = None
         mx.clear_cache()
+
+    # -- LoRAs
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> LoRA:
+        """Apply a LoRA (any layout ``qwen_mlx.lora`` reads) at ``scale``; call again to stack.
+
+        Checked against the transformer's weights at once. Before the transformer is loaded
+        the LoRA is fused into its weights as they load (float32, before the precision plan
+        folds and casts); on a loaded transformer it is fused in place (or run beside quantized
+        linears).
+        """
+        scale = float(scale)
+        if not np.isfinite(scale):
+            raise ValueError(f"LoRA scale must be a finite number, got {scale}")
+        lora = read_lora(path)
+        if self._lora_stack is not None and "transformer" in self._components:
+            self._lora_stack.add(lora, scale)
+        else:
+            lora.check(self._transformer_shapes())
+        self._loras.append((lora, scale))
+        return lora
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: a transformer they were applied to is dropped and reloads clean."""
+        if self._loras and "transformer" in self._components:
+            self.free("transformer")
+        self._loras = []
+
+    @property
+    def loras(self) -> list[tuple[LoRA, float]]:
+        """The loaded LoRAs and their scales, in loading order."""
+        return list(self._loras)
+
+    def lora_key(self) -> str:
+        """A stable identity of the loaded LoRA set ("" for none): file contents and scales.
+        Anything that caches transformer outputs (e.g. modulation) must include it."""
+        return lora_key(self._loras)
+
+    def _transformer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The transformer's weight shapes from its config, without loading any weight (MLX
+        initialises the parameters lazily, so nothing is computed)."""
+        from qwen_mlx.models.transformer import QwenImageTransformer, TransformerConfig
+
+        config = TransformerConfig.from_dict(self.transformer_config())
+        return target_shapes(QwenImageTransformer(config))
 
     @property
     def precision_name(self) -> str:
@@ -372,6 +433,27 @@ class QwenImagePipeline:
             return f"{msg} under the {plan!r} precision plan; try precision='bf16' or 'fp32'"
         return f"{msg}; the inputs or the weights produce NaN/inf (the {plan!r} plan cannot)"
 
+    # -- image-to-image inputs
+
+    def encode_image(self, image, height: int, width: int) -> mx.array:
+        """Packed (1, L, C) normalised latents of ``image`` resized to width x height: the VAE
+        posterior mean (deterministic; diffusers' ``sample_mode="argmax"``)."""
+        vae = self.vae
+        x = img2img.image_array(img2img.as_pil(image), width, height)
+        z = vae.encode(x).astype(mx.float32)
+        mean = mx.array(vae.latents_mean, dtype=mx.float32)
+        std = mx.array(vae.latents_std, dtype=mx.float32)
+        latents = pack_latents((z - mean) / std)
+        mx.eval(latents)
+        check_finite(latents, "the encoded image")
+        return latents
+
+    def encode_mask(self, mask_image, height: int, width: int) -> mx.array:
+        """Packed (1, L, C) 0/1 inpainting mask (white = repaint) at latent resolution."""
+        m = img2img.mask_array(img2img.as_pil(mask_image, "mask"), width, height, self.vae_scale)
+        channels = int(self.transformer_config().get("in_channels", 64)) // 4
+        return pack_latents(mx.broadcast_to(m, (*m.shape[:3], channels)))
+
     # -- stage 4: decoding
 
     def decode(self, latents: mx.array, height: int, width: int) -> mx.array:
@@ -392,8 +474,8 @@ class QwenImagePipeline:
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        width: int = 1024,
-        height: int = 1024,
+        width: int | None = None,
+        height: int | None = None,
         num_inference_steps: int = 50,
         true_cfg_scale: float = 4.0,
         seed: int | list[int] | None = None,
@@ -408,6 +490,9 @@ class QwenImagePipeline:
         prompt_embeds_mask: mx.array | None = None,
         negative_prompt_embeds: mx.array | None = None,
         negative_prompt_embeds_mask: mx.array | None = None,
+        image=None,
+        strength: float = 0.6,
+        mask_image=None,
     ):
         """Generate images. Returns a list of PIL images, or with output_type="np" a float32
         array (B, H, W, 3) in [0, 1] (output_type="latent": the packed latents).
@@ -418,13 +503,29 @@ class QwenImagePipeline:
         (text or embeddings), as one batched transformer call per step. ``prompt_embeds`` /
         ``negative_prompt_embeds`` (with their masks) replace the text: encode once with
         ``encode_prompt``, sample many times.
+
+        ``image`` (PIL image, path or array) turns on image-to-image, ``mask_image`` (white =
+        repaint) inpainting, with diffusers' Img2Img / Inpaint semantics (see
+        ``qwen_mlx.img2img``): ``strength`` keeps the last ``ceil(steps * strength)`` steps, and
+        ``latents`` is then the noise mixed into the image. Width and height default to the
+        image's size rounded down to multiples of 16 (1024 without an image).
         """
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if image is not None:
+            image = img2img.as_pil(image)
+        width, height = self.output_size(width, height, image)
         self.check_request(
             prompt, negative_prompt, width, height, num_inference_steps, true_cfg_scale, seed,
             num_images_per_prompt, max_sequence_length, sigmas, prompt_embeds,
         )  # fmt: skip
+        mask = None
+        if image is not None:  # checked before any model runs
+            img2img.first_step(len(sigmas) if sigmas is not None else num_inference_steps, strength)
+            if mask_image is not None:
+                mask = self.encode_mask(mask_image, height, width)
+        elif mask_image is not None:
+            raise ValueError("mask_image needs an image to inpaint")
         do_cfg = true_cfg_scale > 1 and (
             negative_prompt is not None or negative_prompt_embeds is not None
         )
@@ -458,10 +559,17 @@ class QwenImagePipeline:
         latents = self.prepare_latents(batch, height, width, seed, latents)
         h, w = height // self.vae_scale // PATCH, width // self.vae_scale // PATCH
         sig, timesteps = self.schedule(num_inference_steps, h * w, sigmas)
+        hook = None
+        if image is not None:  # latents is the noise mixed into the image from here on
+            sig, timesteps = img2img.trim_schedule(sig, timesteps, strength)
+            noise, image_latents = latents, self.encode_image(image, height, width)
+            latents = img2img.scale_noise(image_latents, noise, sig[0])
+            if mask is not None:
+                hook = img2img.inpaint_hook(image_latents, noise, mask, sig)
 
         start = time.perf_counter()
         latents = self.denoise(
-            latents, cond, uncond, sig, timesteps, [(1, h, w)], true_cfg_scale, callback
+            latents, cond, uncond, sig, timesteps, [(1, h, w)], true_cfg_scale, callback, hook
         )
         self.timings["denoise"] = time.perf_counter() - start
         if output_type == "latent":
@@ -508,6 +616,17 @@ class QwenImagePipeline:
             if len(seeds) != n * num_images_per_prompt:
                 raise ValueError(f"{len(seeds)} seeds for {n * num_images_per_prompt} images")
         self.check_components()
+
+    def output_size(self, width: int | None, height: int | None, image=None) -> tuple[int, int]:
+        """(width, height), checked: defaults from ``image`` (rounded down to multiples of 16),
+        else 1024."""
+        multiple = self.vae_scale * PATCH
+        if image is not None and (width is None or height is None):
+            w, h = img2img.default_size(img2img.as_pil(image), multiple)
+            width, height = width or w, height or h
+        width, height = width or 1024, height or 1024
+        check_size(height, width, multiple)
+        return width, height
 
     def _prompt_stage(
         self,
