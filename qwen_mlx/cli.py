@@ -148,16 +148,39 @@ def save_png(image, path: Path, params: dict, overwrite: bool = False) -> tuple[
     from .outputs import save_exclusive
 
     info = PngInfo()
+    extra = ""
+    if params.get("lightning"):
+        extra += f"Lightning: {params['lightning']} steps, "
+    if params.get("loras"):
+        loras = " ".join(f"{x['name']}:{x['scale']:g}" for x in params["loras"])
+        extra += f"LoRAs: {loras}, "
+    if params.get("image"):
+        extra += f"Denoising strength: {params['strength']}, "
+        extra += "Mode: inpaint, " if params.get("mask") else "Mode: img2img, "
     a1111 = (
         f"{params['prompt']}\nNegative prompt: {params['negative_prompt'] or ''}\n"
         f"Steps: {params['steps']}, Sampler: FlowMatchEuler, CFG scale: {params['cfg']}, "
-        f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, "
+        f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, {extra}"
         f"Model: {params['model']}, Precision: {params['precision']}, "
         f"Version: qwen-mlx {params['version']}"
     )
     info.add_text("parameters", a1111)
     info.add_text("qwen_mlx", json.dumps(params, ensure_ascii=False, allow_nan=False))
     return save_exclusive(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+LIGHTNING_STEPS = (4, 8)
 
 
 class Progress:
@@ -187,8 +210,10 @@ def generate(
         "Qwen/Qwen-Image"
     ),
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (true CFG)")] = " ",
-    steps: Annotated[int, typer.Option(help="Denoising steps")] = 50,
-    cfg: Annotated[float, typer.Option(help="True CFG scale (<= 1 disables CFG)")] = 4.0,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps [default: 50]")] = None,
+    cfg: Annotated[
+        float | None, typer.Option(help="True CFG scale (<= 1 disables CFG) [default: 4]")
+    ] = None,
     seed: Annotated[
         list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
     ] = None,
@@ -210,14 +235,37 @@ def generate(
     ignore_memory_limit: Annotated[
         bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
     ] = False,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
+    ] = None,
+    lightning: Annotated[
+        int | None,
+        typer.Option(
+            help="Lightning preset for the 4- or 8-step Lightning LoRA (give it with --lora): "
+            "its scheduler, that many steps, CFG 1"
+        ),
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Input image: img2img (size defaults to its own)")
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(help="With --image: how much to change it, 0-1 [default: 0.6]"),
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="With --image: inpainting mask, white = repaint")
+    ] = None,
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
     import mlx.core as mx
     import numpy as np
 
     from . import __version__, checks, memory
+    from .img2img import as_pil
     from .outputs import check_outputs
     from .pipeline import QwenImagePipeline, check_size, random_seed, to_pil
+    from .sampler import LIGHTNING_SCHEDULER
 
     with user_errors():
         if aspect is not None:
@@ -226,13 +274,35 @@ def generate(
             if width is not None or height is not None:
                 raise UserError("give either --aspect or --width/--height, not both")
             width, height = ASPECTS[aspect]
-        width = 1024 if width is None else width
-        height = 1024 if height is None else height
+        if lightning is not None:
+            if lightning not in LIGHTNING_STEPS:
+                raise UserError(f"--lightning must be 4 or 8 (the LoRA's steps), got {lightning}")
+            if steps is not None or cfg is not None:
+                raise UserError(
+                    f"--lightning {lightning} sets the steps and CFG; drop --steps/--cfg"
+                )
+            steps, cfg = lightning, 1.0
+        steps = 50 if steps is None else steps
+        cfg = 4.0 if cfg is None else cfg
         # Everything that can be checked is checked before anything loads.
-        check_size(height, width)
         checks.check_steps(steps, name="--steps")
         checks.check_cfg(cfg)
         checks.check_int("--max-sequence-length", max_sequence_length, 1, 1024)
+        if image is None and (strength is not None or mask is not None):
+            raise UserError("--strength and --mask need --image")
+        strength = 0.6 if strength is None else strength
+        if not 0.0 <= strength <= 1.0:
+            raise UserError(f"--strength must be in [0, 1], got {strength}")
+        source = as_pil(image) if image is not None else None
+        mask_image = as_pil(mask, "mask") if mask is not None else None
+        if source is None:
+            width = 1024 if width is None else width
+            height = 1024 if height is None else height
+            check_size(height, width)
+        loras = [parse_lora(spec) for spec in lora or []]
+        for path, _ in loras:
+            if not path.is_file():
+                raise UserError(f"LoRA file not found: {path}")
         seeds = checks.check_seeds(list(seed)) if seed else [random_seed()]
         if len(set(seeds)) != len(seeds):
             raise UserError("each --seed may be given once")
@@ -240,7 +310,12 @@ def generate(
         check_outputs(paths, overwrite)
 
         start = time.perf_counter()
-        pipe = QwenImagePipeline.from_pretrained(model, precision=precision)
+        pipe = QwenImagePipeline.from_pretrained(
+            model,
+            precision=precision,
+            scheduler_overrides=LIGHTNING_SCHEDULER if lightning else None,
+        )
+        width, height = pipe.output_size(width, height, source)
         pipe.check_components()
         request = memory.Request(
             width=width,
@@ -256,10 +331,11 @@ def generate(
             if not ignore_memory_limit:
                 raise
             typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+        applied = [pipe.load_lora(path, scale) for path, scale in loras]  # checked here
         misplaced = []
 
         def finish(s: int, path: Path, latents) -> None:
-            image = to_pil(np.array(pipe.decode(latents, height, width)))[0]
+            picture = to_pil(np.array(pipe.decode(latents, height, width)))[0]
             params = {
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
@@ -271,8 +347,16 @@ def generate(
                 "model": model,
                 "precision": pipe.precision_name,
                 "version": __version__,
+                "lightning": lightning,
+                "loras": [
+                    {"name": x.name, "path": str(p), "scale": sc, "sha256": x.digest}
+                    for x, (p, sc) in zip(applied, loras, strict=True)
+                ],
+                "image": str(image) if image is not None else None,
+                "strength": strength if image is not None else None,
+                "mask": str(mask) if mask is not None else None,
             }
-            where, why = save_png(image, path, params, overwrite)
+            where, why = save_png(picture, path, params, overwrite)
             if why:
                 misplaced.append(where)
                 typer.echo(f"warning: {why}; saved the image as {where} instead", err=True)
@@ -294,6 +378,9 @@ def generate(
                 max_sequence_length=max_sequence_length,
                 callback=Progress(f"seed {s}"),
                 output_type="latent",
+                image=source,
+                strength=strength,
+                mask_image=mask_image,
             )
             if low_memory:
                 pending.append((s, path, latents))
