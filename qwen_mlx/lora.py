@@ -355,18 +355,25 @@ def fold_delta(name: str, delta: mx.array, plan: PrecisionPlan | None) -> mx.arr
     return folded - fold_weight(name, mx.zeros_like(delta), plan)[0]
 
 
-def summed_deltas(
-    loras: Sequence[tuple[LoRA, float]], names: Iterable[str] | None = None
-) -> dict[str, mx.array]:
-    """weight name -> sum of ``scale * delta`` over ``loras`` (float32, lazy)."""
-    out: dict[str, mx.array] = {}
-    for lora, scale in loras:
-        for name, update in lora.updates.items():
-            if names is not None and name not in names:
-                continue
-            d = update.delta() * scale
-            out[name] = d if name not in out else out[name] + d
-    return out
+def fused_weight(
+    name: str,
+    weight: mx.array,
+    parts: Iterable[tuple[Update, float]],
+    plan: PrecisionPlan | None = None,
+) -> mx.array:
+    """``float32(weight)`` plus every ``(update, scale)``'s delta, folded for ``plan``.
+
+    Low-rank deltas go through one ``addmm`` each (the up factor scaled and row-folded: folds of
+    a weight scale its rows), never a separate full-size delta.
+    """
+    w = weight.astype(F32)
+    for update, scale in parts:
+        if update.down is not None:
+            up = fold_delta(name, update.up.astype(F32) * (update.scale * scale), plan)
+            w = mx.addmm(w, up, update.down.astype(F32))
+        if update.diff is not None:
+            w = w + fold_delta(name, update.diff.astype(F32) * scale, plan)
+    return w
 
 
 def fuse_weights(
@@ -385,8 +392,9 @@ def fuse_weights(
     for lora, _ in loras:
         lora.check(shapes)
     out = dict(weights)
-    for name, delta in summed_deltas(loras).items():
-        out[name] = weights[name].astype(F32) + fold_delta(name, delta, plan)
+    for name in dict.fromkeys(n for lora, _ in loras for n in lora.updates):
+        parts = [(lora.updates[name], s) for lora, s in loras if name in lora.updates]
+        out[name] = fused_weight(name, weights[name], parts, plan)
     return out
 
 
@@ -553,8 +561,7 @@ class LoraStack:
             if name not in self._fused and self.reload is None and self.keep_originals:
                 self._originals[name] = current
             self._fused.add(name)
-            delta = fold_delta(name, update.delta() * scale, self.plan)
-            new = (current.astype(F32) + delta).astype(current.dtype)
+            new = fused_weight(name, current, [(update, scale)], self.plan).astype(current.dtype)
             mx.eval(new)  # one weight at a time: float32 temporaries stay one weight's size
             setattr(base, param, new)
         self.loras.append((lora, scale))
