@@ -1,15 +1,5 @@
-"""Weight-name mapping as a short list of regex rules."""
+"""Weight-name mapping as a short list of regex rules (shared with the runtime's LoRA loader)."""
 
-from __future__ import annotations
+from qwen_mlx.naming import Rule, rename
 
-import re
-from collections.abc import Sequence
-
-Rule = tuple[str, str]
-
-
-def rename(name: str, rules: Sequence[Rule]) -> str:
-    """Apply every (pattern, replacement) rule in order."""
-    for pattern, repl in rules:
-        name = re.sub(pattern, repl, name)
-    return name
+__all__ = ["Rule", "rename"]

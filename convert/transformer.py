@@ -13,19 +13,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from qwen_mlx.convert.options import ConvertOptions
-from qwen_mlx.convert.rules import rename
 from qwen_mlx.dtypes import DTYPES
+from qwen_mlx.naming import TRANSFORMER_RULES, rename
 from qwen_mlx.precision import PrecisionPlan, fold_summary, fold_weight, make_plan, plan_dtype
 from qwen_mlx.variants import detect_variant, normalize_variant
 
-RULES = (
-    (r"^transformer_blocks\.", "blocks."),
-    (r"_mod\.1\.", "_mod."),
-    (r"\.to_out\.0\.", ".to_out."),
-    (r"_mlp\.net\.0\.proj\.", "_mlp.up."),
-    (r"_mlp\.net\.2\.", "_mlp.down."),
-    (r"^time_text_embed\.timestep_embedder\.", "time_embed."),
-)
+RULES = TRANSFORMER_RULES
 
 
 def prepare_options(folder: Path, options: ConvertOptions) -> ConvertOptions:

@@ -39,6 +39,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_mlx.naming import TRANSFORMER_RULES, rename
 from qwen_mlx.precision import PrecisionPlan, fold_weight
 
 F32 = mx.float32
@@ -50,15 +51,6 @@ class LoraError(ValueError):
 
 # ----------------------------------------------------------------------------- key layouts
 
-# diffusers module name -> this package's (the converter's transformer RULES, for module paths).
-MODULE_RULES = (
-    (r"^transformer_blocks\.", "blocks."),
-    (r"_mod\.1\.", "_mod."),
-    (r"\.to_out\.0\.", ".to_out."),
-    (r"_mlp\.net\.0\.proj\.", "_mlp.up."),
-    (r"_mlp\.net\.2\.", "_mlp.down."),
-    (r"^time_text_embed\.timestep_embedder\.", "time_embed."),
-)
 
 # kohya flattens diffusers' module names, "." -> "_": put the dots back where names have none.
 KOHYA_RULES = (
@@ -100,23 +92,17 @@ FOREIGN = (
 )
 
 
-def _rename(name: str, rules) -> str:
-    for pattern, repl in rules:
-        name = re.sub(pattern, repl, name)
-    return name
-
-
 def diffusers_module(key_module: str) -> str:
     """A key's module part (prefixes, kohya flattening and all) -> diffusers' module name."""
     if key_module.startswith(KOHYA_PREFIX):
-        return _rename(key_module[len(KOHYA_PREFIX) :], KOHYA_RULES)
+        return rename(key_module[len(KOHYA_PREFIX) :], KOHYA_RULES)
     return PREFIX.sub("", key_module)
 
 
 def mlx_module(module: str) -> str:
     """diffusers module name -> this package's (``transformer_blocks.0.img_mlp.net.0.proj`` ->
     ``blocks.0.img_mlp.up``)."""
-    return _rename(module + ".", MODULE_RULES)[:-1]
+    return rename(module + ".", TRANSFORMER_RULES)[:-1]
 
 
 # ----------------------------------------------------------------------------- LoRA files
