@@ -113,3 +113,75 @@ def with_mrope(
 
     text_encoder.forward = patched
     return text_encoder
+
+
+# --- whole Edit checkpoints --------------------------------------------------------------------
+
+# Areas the tests shrink diffusers' 1024^2 (VAE) and 384^2 (vision) targets to: with the tiny
+# VAE (scale 4) a 128x128 image is 32x32 latents = 256 tokens.
+TEST_VAE_AREA = 128 * 128
+TEST_CONDITION_AREA = 48 * 48
+EDIT_CLASSES = {"edit": "QwenImageEditPipeline", "plus": "QwenImageEditPlusPipeline"}
+
+
+def build_edit_checkpoint(root: Path, flavour: str = "edit", zero_cond_t: bool = False):
+    """Save a tiny Edit checkpoint in the released layout (with processor/); return
+    (root, diffusers reference pipeline). ``flavour``: "edit" or "plus" (2509/2511)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+    )
+    from helpers import RELEASED_SCHEDULER, write_model_index
+    from tiny_pipeline import build_vae
+    from tiny_tokenizer import build_tokenizer
+    from tiny_transformer import build_transformer
+
+    transformer = build_transformer(
+        "diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN, zero_cond_t=zero_cond_t
+    )
+    text_encoder = build_edit_text_encoder()
+    vae = build_vae()
+    transformer.save_pretrained(root / "transformer", max_shard_size="20KB")
+    text_encoder.save_pretrained(root / "text_encoder", max_shard_size="200KB")
+    vae.save_pretrained(root / "vae")
+    build_tokenizer(root / "tokenizer")
+    write_processor(root / "processor")
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER))
+    write_model_index(root, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"])
+    index = json.loads((root / "model_index.json").read_text())
+    index["_class_name"] = EDIT_CLASSES[flavour]
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    cls = QwenImageEditPlusPipeline if flavour == "plus" else QwenImageEditPipeline
+    processor = reference_processor(root / "processor", root / "tokenizer")
+    ref = cls(
+        scheduler=FlowMatchEulerDiscreteScheduler(**RELEASED_SCHEDULER),
+        vae=vae,
+        text_encoder=with_mrope(text_encoder),
+        tokenizer=processor.tokenizer,
+        processor=processor,
+        transformer=transformer,
+    )
+    ref.set_progress_bar_config(disable=True)
+    return root, ref
+
+
+def shrink_reference_areas(monkeypatch) -> None:
+    """Make diffusers' Edit pipelines size images for TEST_VAE_AREA / TEST_CONDITION_AREA."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    for module in (edit, plus):  # the output size is computed at 1024^2 inline in both
+        original = module.calculate_dimensions
+        monkeypatch.setattr(
+            module,
+            "calculate_dimensions",
+            lambda area, ratio, f=original: f(
+                TEST_VAE_AREA if area == 1024 * 1024 else area, ratio
+            ),
+        )
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", TEST_VAE_AREA)
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", TEST_CONDITION_AREA)
