@@ -89,10 +89,10 @@ ASPECTS = {
 }
 
 
-def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
+def output_paths(output: Path | None, seeds: list[int], stem: str = "qwen-image") -> list[Path]:
     """One PNG per seed: OUTPUT as given for one seed, OUTPUT-<seed>.png for several."""
     if output is None:
-        return [Path(f"qwen-image-{s}.png") for s in seeds]
+        return [Path(f"{stem}-{s}.png") for s in seeds]
     if output.suffix.lower() != ".png":
         raise UserError(f"--output must end in .png, got {output}")
     if len(seeds) == 1:
@@ -114,6 +114,10 @@ def save_png(image, path: Path, params: dict) -> None:
         f"Model: {params['model']}, Precision: {params['precision']}, "
         f"Version: qwen-mlx {params['version']}"
     )
+    if params.get("images"):
+        a1111 += ", Edit images: " + "; ".join(
+            f"{im['file']} ({im['width']}x{im['height']})" for im in params["images"]
+        )
     info.add_text("parameters", a1111)
     info.add_text("qwen_mlx", json.dumps(params, ensure_ascii=False))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,37 +149,98 @@ class Progress:
         )
 
 
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw")],
-    model: Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")] = (
-        "Qwen/Qwen-Image"
-    ),
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (true CFG)")] = " ",
-    steps: Annotated[int, typer.Option(help="Denoising steps")] = 50,
-    cfg: Annotated[float, typer.Option(help="True CFG scale (<= 1 disables CFG)")] = 4.0,
-    seed: Annotated[
-        list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
-    ] = None,
-    width: Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")] = None,
-    height: Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")] = None,
-    aspect: Annotated[
-        str | None, typer.Option(help=f"Official preset: {', '.join(ASPECTS)}")
-    ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
-    ] = None,
-    max_sequence_length: Annotated[int, typer.Option(help="Prompt token limit")] = 512,
-    low_memory: Annotated[bool, typer.Option(help="Free the transformer before decoding")] = False,
+# Options shared by `generate` and `edit` (defaults stay in each command's signature).
+ModelOpt = Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")]
+NegativeOpt = Annotated[str, typer.Option(help="Negative prompt (true CFG)")]
+CfgOpt = Annotated[float, typer.Option(help="True CFG scale (<= 1 disables CFG)")]
+SeedOpt = Annotated[
+    list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
+]
+WidthOpt = Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")]
+HeightOpt = Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
+]
+LowMemoryOpt = Annotated[bool, typer.Option(help="Free the transformer before decoding")]
+
+
+def check_steps(steps: int | None) -> None:
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+
+
+def run_seeds(
+    pipe,
+    seeds: list[int],
+    paths: list[Path],
+    sample,
+    size: tuple[int, int],
+    params: dict,
+    low_memory: bool,
 ) -> None:
-    """Generate images from a prompt; every PNG carries its parameters."""
+    """Sample every seed with ``sample(seed, callback) -> latents``, decode, and save each PNG
+    with ``params`` (plus seed, size, precision, version).
+
+    Each component loads once and each prompt is encoded once for all seeds (the pipeline
+    caches prompt embeddings). With ``low_memory`` every seed is sampled first, then the
+    transformer is freed and all images decoded.
+    """
     import mlx.core as mx
     import numpy as np
 
     from . import __version__
-    from .pipeline import QwenImagePipeline, check_size, random_seed, to_pil
+    from .pipeline import to_pil
+
+    start = time.perf_counter()
+    height, width = size
+
+    def finish(s: int, path: Path, latents) -> None:
+        image = to_pil(np.array(pipe.decode(latents, height, width)))[0]
+        meta = dict(params, seed=s, width=width, height=height)
+        meta.update(precision=pipe.precision_name, version=__version__)
+        save_png(image, path, meta)
+        typer.echo(f"wrote {path} (seed {s})")
+
+    pending = []
+    for s, path in zip(seeds, paths, strict=True):
+        latents = sample(s, Progress(f"seed {s}"))
+        if low_memory:
+            pending.append((s, path, latents))
+        else:
+            finish(s, path, latents)
+    if pending:
+        pipe.free("transformer")
+        for s, path, latents in pending:
+            finish(s, path, latents)
+    elapsed = time.perf_counter() - start
+    typer.echo(
+        f"{len(seeds)} image(s) {width}x{height}, {params['steps']} steps in {elapsed:.1f} s, "
+        f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw")],
+    model: ModelOpt = "Qwen/Qwen-Image",
+    negative_prompt: NegativeOpt = " ",
+    steps: Annotated[int, typer.Option(help="Denoising steps")] = 50,
+    cfg: CfgOpt = 4.0,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    aspect: Annotated[
+        str | None, typer.Option(help=f"Official preset: {', '.join(ASPECTS)}")
+    ] = None,
+    output: OutputOpt = None,
+    precision: PrecisionOpt = None,
+    max_sequence_length: Annotated[int, typer.Option(help="Prompt token limit")] = 512,
+    low_memory: LowMemoryOpt = False,
+) -> None:
+    """Generate images from a prompt; every PNG carries its parameters."""
+    from .pipeline import QwenImagePipeline, check_size, random_seed
 
     with user_errors():
         if aspect is not None:
@@ -186,37 +251,14 @@ def generate(
             width, height = ASPECTS[aspect]
         width, height = width or 1024, height or 1024
         check_size(height, width)
-        if steps < 1:
-            raise UserError(f"--steps must be at least 1, got {steps}")
+        check_steps(steps)
         seeds = list(seed) if seed else [random_seed()]
         paths = output_paths(output, seeds)
 
-        start = time.perf_counter()
         pipe = QwenImagePipeline.from_pretrained(model, precision=precision)
 
-        def finish(s: int, path: Path, latents) -> None:
-            image = to_pil(np.array(pipe.decode(latents, height, width)))[0]
-            params = {
-                "prompt": prompt,
-                "negative_prompt": negative_prompt,
-                "seed": s,
-                "steps": steps,
-                "cfg": cfg,
-                "width": width,
-                "height": height,
-                "model": model,
-                "precision": pipe.precision_name,
-                "version": __version__,
-            }
-            save_png(image, path, params)
-            typer.echo(f"wrote {path} (seed {s})")
-
-        # Each component loads once and each prompt is encoded once for all seeds (the pipeline
-        # caches prompt embeddings). With --low-memory every seed is sampled first, then the
-        # transformer is freed and all images decoded.
-        pending = []
-        for s, path in zip(seeds, paths, strict=True):
-            latents = pipe(
+        def sample(s: int, callback):
+            return pipe(
                 prompt,
                 negative_prompt=negative_prompt,
                 width=width,
@@ -225,22 +267,92 @@ def generate(
                 true_cfg_scale=cfg,
                 seed=s,
                 max_sequence_length=max_sequence_length,
-                callback=Progress(f"seed {s}"),
+                callback=callback,
                 output_type="latent",
             )
-            if low_memory:
-                pending.append((s, path, latents))
-            else:
-                finish(s, path, latents)
-        if pending:
-            pipe.free("transformer")
-            for s, path, latents in pending:
-                finish(s, path, latents)
-        elapsed = time.perf_counter() - start
-        typer.echo(
-            f"{len(seeds)} image(s) {width}x{height}, {steps} steps in {elapsed:.1f} s, "
-            f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
-        )
+
+        params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps}
+        params.update(cfg=cfg, model=model)
+        run_seeds(pipe, seeds, paths, sample, (height, width), params, low_memory)
+
+
+def read_images(files: list[Path]) -> list:
+    """Open every input image up front: a missing or unreadable one is a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(f"cannot read image {f}: {e}") from None
+    return images
+
+
+@app.command()
+def edit(
+    image: Annotated[
+        list[Path], typer.Option("--image", "-i", help="Input image; repeat for several (2509+)")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The edit instruction")],
+    model: ModelOpt = "Qwen/Qwen-Image-Edit-2511",
+    negative_prompt: NegativeOpt = " ",
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default: Edit 50, 2509/2511 40)")
+    ] = None,
+    cfg: CfgOpt = 4.0,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    output: OutputOpt = None,
+    precision: PrecisionOpt = None,
+    low_memory: LowMemoryOpt = False,
+) -> None:
+    """Edit images with Qwen-Image-Edit (2509/2511: several images); the output is about
+    1024x1024 pixels at the (last) input image's aspect unless --width/--height say otherwise.
+    Every PNG carries its parameters and the input images' names and sizes."""
+    from .edit_pipeline import QwenImageEditPipeline
+    from .pipeline import random_seed
+
+    with user_errors():
+        check_steps(steps)
+        images = read_images(image)
+        seeds = list(seed) if seed else [random_seed()]
+        paths = output_paths(output, seeds, stem="qwen-image-edit")
+        inputs = {f.resolve() for f in image}
+        clash = [p for p in paths if p.resolve() in inputs]
+        if clash:
+            raise UserError(f"--output {clash[0]} would overwrite an input image")
+
+        pipe = QwenImageEditPipeline.from_pretrained(model, precision=precision)
+        if not pipe.plus and len(images) != 1:
+            raise UserError(f"{model} is Qwen-Image-Edit: it takes one --image ({len(images)})")
+        size = pipe.output_size(images, height, width)
+        steps = steps or pipe.default_steps
+
+        def sample(s: int, callback):
+            return pipe(
+                images if pipe.plus else images[0],
+                prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                true_cfg_scale=cfg,
+                seed=s,
+                height=size[0],
+                width=size[1],
+                callback=callback,
+                output_type="latent",
+            )
+
+        params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps}
+        params.update(cfg=cfg, model=model, flavour=pipe.flavour)
+        params["images"] = [
+            {"file": f.name, "width": im.width, "height": im.height}
+            for f, im in zip(image, images, strict=True)
+        ]
+        run_seeds(pipe, seeds, paths, sample, size, params, low_memory)
 
 
 @app.command()

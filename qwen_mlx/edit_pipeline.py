@@ -109,6 +109,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         super().__init__(source, precision, scheduler_overrides, compile)
         self.plus = EDIT_CLASSES[cls_name]
         self._edit_prompts: dict[tuple[str, str], Embeds] = {}
+        self._references: tuple[str, mx.array, list] | None = None  # the last images' latents
 
     @classmethod
     def from_pretrained(cls, src: str | Path, *args, **kwargs) -> QwenImageEditPipeline:
@@ -184,7 +185,11 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     def encode_references(self, vae_images: Sequence[Image.Image]) -> tuple[mx.array, list]:
         """Packed reference latents (1, sum of tokens, C) and their (1, h, w) token grids: the
-        VAE posterior mean of each image, normalised with the latents' mean and std."""
+        VAE posterior mean of each image, normalised with the latents' mean and std. The last
+        images' latents are kept, so sampling them with many seeds encodes them once."""
+        key = _image_key(vae_images)
+        if self._references is not None and self._references[0] == key:
+            return self._references[1], self._references[2]
         vae = self.vae
         mean = mx.array(vae.latents_mean, dtype=mx.float32)
         std = mx.array(vae.latents_std, dtype=mx.float32)
@@ -196,6 +201,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             shapes.append((1, z.shape[1] // PATCH, z.shape[2] // PATCH))
         refs = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         mx.eval(refs)
+        self._references = (key, refs, shapes)
         return refs, shapes
 
     # -- stage 1: prompts with images
