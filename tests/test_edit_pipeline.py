@@ -9,6 +9,7 @@ areas are shrunk the same way on both sides (diffusers' through ``shrink_referen
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -67,9 +68,23 @@ def shrunk(monkeypatch):
     shrink_reference_areas(monkeypatch)
 
 
-def test_edit_matches_diffusers(tmp_path, shrunk):
-    root, ref = build_edit_checkpoint(tmp_path / "src", "edit")
-    ours = _ours(root, tmp_path)
+@pytest.fixture(scope="module")
+def edit_pair(tmp_path_factory):
+    """(source root, diffusers QwenImageEditPipeline, our pipeline) on one tiny checkpoint."""
+    tmp = tmp_path_factory.mktemp("edit")
+    root, ref = build_edit_checkpoint(tmp / "src", "edit")
+    return root, ref, _ours(root, tmp)
+
+
+@pytest.fixture(scope="module")
+def plus_pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plus")
+    root, ref = build_edit_checkpoint(tmp / "src", "plus")
+    return root, ref, _ours(root, tmp)
+
+
+def test_edit_matches_diffusers(edit_pair, shrunk):
+    _, ref, ours = edit_pair
     assert (ours.plus, ours.flavour, ours.default_steps) == (False, "edit", 50)
     image = _image(150, 100, 0)  # 3:2 -> 160x96 at the test area
     got, expected = _run_both(ref, ours, image)
@@ -81,11 +96,14 @@ def test_edit_matches_diffusers(tmp_path, shrunk):
 
 
 @pytest.mark.parametrize("zero_cond_t", [False, True], ids=["2509", "2511"])
-def test_edit_plus_two_images_matches_diffusers(tmp_path, shrunk, zero_cond_t):
+def test_edit_plus_two_images_matches_diffusers(plus_pair, tmp_path, shrunk, zero_cond_t):
     """Two images of different sizes and aspects, each sized on its own; the output takes the
     last one's aspect."""
-    root, ref = build_edit_checkpoint(tmp_path / "src", "plus", zero_cond_t=zero_cond_t)
-    ours = _ours(root, tmp_path)
+    if zero_cond_t:
+        root, ref = build_edit_checkpoint(tmp_path / "src", "plus", zero_cond_t=True)
+        ours = _ours(root, tmp_path)
+    else:
+        _, ref, ours = plus_pair
     assert ours.flavour == ("edit-2511" if zero_cond_t else "edit-2509")
     assert ours.default_steps == 40
     images = [_image(200, 90, 1), _image(70, 120, 2)]
@@ -94,10 +112,9 @@ def test_edit_plus_two_images_matches_diffusers(tmp_path, shrunk, zero_cond_t):
     assert np.abs(got - expected).max() < TOL
 
 
-def test_reference_latents_and_sizes(tmp_path, shrunk):
-    """Every stage on its own: sizes, references (VAE means, normalised, packed), prompts."""
-    root, ref = build_edit_checkpoint(tmp_path / "src", "plus")
-    ours = _ours(root, tmp_path)
+def test_reference_latents_and_sizes(plus_pair, shrunk):
+    """Sizes and the references (VAE means, normalised, packed) on their own."""
+    _, ref, ours = plus_pair
     images = [_image(200, 90, 1), _image(64, 64, 2)]
     conditions, vae_images = ours.prepare_images(images)
     assert [im.size for im in conditions] == [(64, 32), (64, 64)]
@@ -117,9 +134,8 @@ def test_reference_latents_and_sizes(tmp_path, shrunk):
     np.testing.assert_allclose(got[:, 288:], expected[1].numpy(), atol=1e-4, rtol=0)
 
 
-def test_rejects_wrong_inputs_and_checkpoints(tmp_path, shrunk):
-    root, _ = build_edit_checkpoint(tmp_path / "src", "edit")
-    ours = _ours(root, tmp_path)
+def test_rejects_wrong_inputs_and_checkpoints(edit_pair, tmp_path, shrunk):
+    src, _, ours = edit_pair
     with pytest.raises(ValueError, match="takes one image"):
         ours([_image(64, 64, 0)] * 2, PROMPT, num_inference_steps=1)
     with pytest.raises(ValueError, match="needs an input image"):
@@ -131,6 +147,7 @@ def test_rejects_wrong_inputs_and_checkpoints(tmp_path, shrunk):
     with pytest.raises(ValueError, match="height 100 is not a multiple of 8"):
         ours(_image(64, 64, 0), PROMPT, height=100, num_inference_steps=1)  # tiny VAE: 4 x 2
     # A text-to-image checkpoint is not an Edit one.
+    root = shutil.copytree(src, tmp_path / "t2i")
     index = json.loads((root / "model_index.json").read_text())
     index["_class_name"] = "QwenImagePipeline"
     (root / "model_index.json").write_text(json.dumps(index))
@@ -138,9 +155,8 @@ def test_rejects_wrong_inputs_and_checkpoints(tmp_path, shrunk):
         QwenImageEditPipeline.from_pretrained(root)
 
 
-def test_rgba_input_is_composited_on_white(tmp_path, shrunk):
-    root, _ = build_edit_checkpoint(tmp_path / "src", "edit")
-    ours = _ours(root, tmp_path)
+def test_rgba_input_is_composited_on_white(edit_pair, shrunk):
+    _, _, ours = edit_pair
     rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
     conditions, _ = ours.prepare_images(rgba)
     assert conditions[0].mode == "RGB" and conditions[0].getpixel((5, 5)) == (255, 255, 255)
