@@ -329,7 +329,7 @@ def edit(
         pipe = QwenImageEditPipeline.from_pretrained(model, precision=precision)
         if not pipe.plus and len(images) != 1:
             raise UserError(f"{model} is Qwen-Image-Edit: it takes one --image ({len(images)})")
-        size = pipe.output_size(images, height, width)
+        size = pipe.edit_size(images, height, width)
         steps = steps or pipe.default_steps
 
         def sample(s: int, callback):

@@ -169,7 +169,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             vae_images.append(_resize(im, *edit_dimensions(self.vae_image_area, *im.size)))
         return conditions, vae_images
 
-    def output_size(
+    def edit_size(
         self, image: Image.Image | Sequence[Image.Image], height: int | None, width: int | None
     ) -> tuple[int, int]:
         """(height, width) of the result: as given, else about 1024x1024 pixels at the aspect
@@ -269,7 +269,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a list of strings")
         conditions, vae_images = self.prepare_images(image)  # checks the images
-        height, width = self.output_size(image, height, width)
+        height, width = self.edit_size(image, height, width)
         do_cfg = true_cfg_scale > 1 and negative_prompt is not None
         negatives: list[str] = []
         if do_cfg:

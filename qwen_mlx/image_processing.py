@@ -68,7 +68,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass
 class ImageProcessor:
-    """The processor's settings; defaults are Qwen2.5-VL's."""
+    """The processor's settings; defaults are transformers' ``Qwen2VLImageProcessor``'s (a
+    checkpoint's ``processor/`` config sets its own limits: Qwen2.5-VL's allow 3136 to
+    12845056 pixels)."""
 
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS

@@ -99,7 +99,8 @@ def bench_tower(args) -> None:
     )  # fmt: skip
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
-    pixels, grid = ImageProcessor()(image)  # Qwen2.5-VL's default limits
+    # The released processor/ config's limits (Qwen2.5-VL's preprocessor_config.json).
+    pixels, grid = ImageProcessor(min_pixels=3136, max_pixels=12845056)(image)
     print(
         f"\nvision tower: hidden 1280, {args.depth} blocks (full attention in the last), "
         f"{args.dtype}; image {args.size}px -> {grid[0, 1] * 14}px, {len(pixels)} patches, "
@@ -157,7 +158,7 @@ def bench_call(args) -> None:
     ]
     pipe = QwenImageEditPipeline.from_pretrained(dst)
     pipe.vae_image_area, pipe.condition_image_area = args.area**2, tiny_edit.TEST_CONDITION_AREA
-    h, w = pipe.output_size(images, None, None)
+    h, w = pipe.edit_size(images, None, None)
     L = (h // pipe.vae_scale // 2) * (w // pipe.vae_scale // 2)
     noise = torch.randn(1, L, 16, generator=torch.Generator().manual_seed(0))
     kw = dict(prompt="put the hat on the cat", negative_prompt=" ", true_cfg_scale=4.0)

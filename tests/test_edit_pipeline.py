@@ -46,7 +46,7 @@ def _ours(root, tmp_path):
 
 
 def _run_both(ref, ours, images, height=None, width=None, negative=" ", seed=0, **kw):
-    h, w = ours.output_size(images, height, width)
+    h, w = ours.edit_size(images, height, width)
     L = (h // ours.vae_scale // 2) * (w // ours.vae_scale // 2)
     noise = torch.randn(1, L, 16, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
