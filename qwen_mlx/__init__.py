@@ -11,7 +11,11 @@ def __getattr__(name: str):
         from .pipeline import QwenImagePipeline
 
         return QwenImagePipeline
+    if name == "QwenImageEditPipeline":
+        from .edit_pipeline import QwenImageEditPipeline
+
+        return QwenImageEditPipeline
     raise AttributeError(name)
 
 
-__all__ = ["QwenImagePipeline", "__version__"]
+__all__ = ["QwenImageEditPipeline", "QwenImagePipeline", "__version__"]

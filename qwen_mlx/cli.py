@@ -126,10 +126,10 @@ ASPECTS = {
 }
 
 
-def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
+def output_paths(output: Path | None, seeds: list[int], stem: str = "qwen-image") -> list[Path]:
     """One PNG per seed: OUTPUT as given for one seed, OUTPUT-<seed>.png for several."""
     if output is None:
-        return [Path(f"qwen-image-{s}.png") for s in seeds]
+        return [Path(f"{stem}-{s}.png") for s in seeds]
     if output.suffix.lower() != ".png":
         raise UserError(f"--output must end in .png, got {output}")
     if len(seeds) == 1:
@@ -164,6 +164,10 @@ def save_png(image, path: Path, params: dict, overwrite: bool = False) -> tuple[
         f"Model: {params['model']}, Precision: {params['precision']}, "
         f"Version: qwen-mlx {params['version']}"
     )
+    if params.get("images"):
+        a1111 += ", Edit images: " + "; ".join(
+            f"{im['file']} ({im['width']}x{im['height']})" for im in params["images"]
+        )
     info.add_text("parameters", a1111)
     info.add_text("qwen_mlx", json.dumps(params, ensure_ascii=False, allow_nan=False))
     return save_exclusive(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
@@ -201,6 +205,75 @@ class Progress:
             err=True,
             nl=step == total,
         )
+
+
+def run_seeds(
+    pipe,
+    seeds: list[int],
+    paths: list[Path],
+    sample,
+    size: tuple[int, int],
+    params: dict,
+    low_memory: bool,
+    overwrite: bool,
+    start: float,
+) -> None:
+    """Sample every seed with ``sample(seed, callback) -> latents``, decode, and save each PNG
+    with ``params`` (plus seed, size, precision, version); shared by generate and edit.
+
+    Each component loads once and each prompt is encoded once for all seeds (the pipeline
+    caches prompt embeddings). With ``low_memory`` every seed is sampled first, then the
+    transformer is freed and all images decoded.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    from . import __version__
+    from .pipeline import to_pil
+
+    height, width = size
+    misplaced = []
+
+    def finish(s: int, path: Path, latents) -> None:
+        picture = to_pil(np.array(pipe.decode(latents, height, width)))[0]
+        meta = dict(params, seed=s, width=width, height=height)
+        meta.update(precision=pipe.precision_name, version=__version__)
+        where, why = save_png(picture, path, meta, overwrite)
+        if why:
+            misplaced.append(where)
+            typer.echo(f"warning: {why}; saved the image as {where} instead", err=True)
+        typer.echo(f"wrote {where} (seed {s})")
+
+    pending = []
+    for s, path in zip(seeds, paths, strict=True):
+        latents = sample(s, Progress(f"seed {s}"))
+        if low_memory:
+            pending.append((s, path, latents))
+        else:
+            finish(s, path, latents)
+    if pending:
+        pipe.free("transformer")
+        for s, path, latents in pending:
+            finish(s, path, latents)
+    elapsed = time.perf_counter() - start
+    typer.echo(
+        f"{len(seeds)} image(s) {width}x{height}, {params['steps']} steps in {elapsed:.1f} s, "
+        f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+    )
+    if misplaced:
+        raise typer.Exit(1)  # every image is saved, but not all where asked
+
+
+def check_memory(pipe, request, ignore_memory_limit: bool) -> None:
+    """Refuse a run whose estimated peak exceeds this machine's memory (unless told to go on)."""
+    from . import memory
+
+    try:
+        memory.check_source(pipe.source, request)
+    except memory.MemoryLimitError as e:
+        if not ignore_memory_limit:
+            raise
+        typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
 
 
 @app.command()
@@ -258,13 +331,11 @@ def generate(
     ] = None,
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
-    import mlx.core as mx
-    import numpy as np
 
-    from . import __version__, checks, memory
+    from . import checks, memory
     from .img2img import as_pil
     from .outputs import check_outputs
-    from .pipeline import QwenImagePipeline, check_size, random_seed, to_pil
+    from .pipeline import QwenImagePipeline, check_size, random_seed
     from .sampler import LIGHTNING_SCHEDULER
 
     with user_errors():
@@ -325,49 +396,11 @@ def generate(
             low_memory=low_memory,
             precision=pipe.precision if isinstance(pipe.precision, str) else None,
         )
-        try:
-            memory.check_source(pipe.source, request)
-        except memory.MemoryLimitError as e:
-            if not ignore_memory_limit:
-                raise
-            typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+        check_memory(pipe, request, ignore_memory_limit)
         applied = [pipe.load_lora(path, scale) for path, scale in loras]  # checked here
-        misplaced = []
 
-        def finish(s: int, path: Path, latents) -> None:
-            picture = to_pil(np.array(pipe.decode(latents, height, width)))[0]
-            params = {
-                "prompt": prompt,
-                "negative_prompt": negative_prompt,
-                "seed": s,
-                "steps": steps,
-                "cfg": cfg,
-                "width": width,
-                "height": height,
-                "model": model,
-                "precision": pipe.precision_name,
-                "version": __version__,
-                "lightning": lightning,
-                "loras": [
-                    {"name": x.name, "path": str(p), "scale": sc, "sha256": x.digest}
-                    for x, (p, sc) in zip(applied, loras, strict=True)
-                ],
-                "image": str(image) if image is not None else None,
-                "strength": strength if image is not None else None,
-                "mask": str(mask) if mask is not None else None,
-            }
-            where, why = save_png(picture, path, params, overwrite)
-            if why:
-                misplaced.append(where)
-                typer.echo(f"warning: {why}; saved the image as {where} instead", err=True)
-            typer.echo(f"wrote {where} (seed {s})")
-
-        # Each component loads once and each prompt is encoded once for all seeds (the pipeline
-        # caches prompt embeddings). With --low-memory every seed is sampled first, then the
-        # transformer is freed and all images decoded.
-        pending = []
-        for s, path in zip(seeds, paths, strict=True):
-            latents = pipe(
+        def sample(s: int, callback):
+            return pipe(
                 prompt,
                 negative_prompt=negative_prompt,
                 width=width,
@@ -376,27 +409,151 @@ def generate(
                 true_cfg_scale=cfg,
                 seed=s,
                 max_sequence_length=max_sequence_length,
-                callback=Progress(f"seed {s}"),
+                callback=callback,
                 output_type="latent",
                 image=source,
                 strength=strength,
                 mask_image=mask_image,
             )
-            if low_memory:
-                pending.append((s, path, latents))
-            else:
-                finish(s, path, latents)
-        if pending:
-            pipe.free("transformer")
-            for s, path, latents in pending:
-                finish(s, path, latents)
-        elapsed = time.perf_counter() - start
-        typer.echo(
-            f"{len(seeds)} image(s) {width}x{height}, {steps} steps in {elapsed:.1f} s, "
-            f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+
+        params = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "cfg": cfg,
+            "model": model,
+            "lightning": lightning,
+            "loras": [
+                {"name": x.name, "path": str(p), "scale": sc, "sha256": x.digest}
+                for x, (p, sc) in zip(applied, loras, strict=True)
+            ],
+            "image": str(image) if image is not None else None,
+            "strength": strength if image is not None else None,
+            "mask": str(mask) if mask is not None else None,
+        }
+        run_seeds(pipe, seeds, paths, sample, (height, width), params, low_memory, overwrite, start)
+
+
+def read_images(files: list[Path]) -> list:
+    """Open every input image up front: a missing or unreadable one is a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(f"cannot read image {f}: {e}") from None
+    return images
+
+
+@app.command()
+def edit(
+    image: Annotated[
+        list[Path], typer.Option("--image", "-i", help="Input image; repeat for several (2509+)")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The edit instruction")],
+    model: Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")] = (
+        "Qwen/Qwen-Image-Edit-2511"
+    ),
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (true CFG)")] = " ",
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default: Edit 50, 2509/2511 40)")
+    ] = None,
+    cfg: Annotated[float, typer.Option(help="True CFG scale (<= 1 disables CFG)")] = 4.0,
+    seed: Annotated[
+        list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
+    ] = None,
+    low_memory: Annotated[bool, typer.Option(help="Free the transformer before decoding")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace existing PNGs (by default an existing file is an error)")
+    ] = False,
+    ignore_memory_limit: Annotated[
+        bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
+    ] = False,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
+    ] = None,
+) -> None:
+    """Edit images with Qwen-Image-Edit (2509/2511: several images); the output is about
+    1024x1024 pixels at the (last) input image's aspect unless --width/--height say otherwise.
+    Every PNG carries its parameters and the input images' names and sizes."""
+    from . import checks, memory
+    from .edit_pipeline import QwenImageEditPipeline
+    from .outputs import check_outputs
+    from .pipeline import random_seed
+
+    with user_errors():
+        if steps is not None:
+            checks.check_steps(steps, name="--steps")
+        checks.check_cfg(cfg)
+        images = read_images(image)
+        loras = [parse_lora(spec) for spec in lora or []]
+        for path, _ in loras:
+            if not path.is_file():
+                raise UserError(f"LoRA file not found: {path}")
+        seeds = checks.check_seeds(list(seed)) if seed else [random_seed()]
+        if len(set(seeds)) != len(seeds):
+            raise UserError("each --seed may be given once")
+        paths = output_paths(output, seeds, stem="qwen-image-edit")
+        inputs = {f.resolve() for f in image}
+        clash = [p for p in paths if p.resolve() in inputs]
+        if clash:
+            raise UserError(f"--output {clash[0]} would overwrite an input image")
+        check_outputs(paths, overwrite)
+
+        start = time.perf_counter()
+        pipe = QwenImageEditPipeline.from_pretrained(model, precision=precision)
+        if not pipe.plus and len(images) != 1:
+            raise UserError(f"{model} is Qwen-Image-Edit: it takes one --image ({len(images)})")
+        size = pipe.edit_size(images, height, width)
+        steps = steps or pipe.default_steps
+        pipe.check_components()
+        request = memory.Request(
+            width=size[1],
+            height=size[0],
+            cfg=cfg > 1,
+            low_memory=low_memory,
+            precision=pipe.precision if isinstance(pipe.precision, str) else None,
         )
-        if misplaced:
-            raise typer.Exit(1)  # every image is saved, but not all where asked
+        check_memory(pipe, request, ignore_memory_limit)
+        applied = [pipe.load_lora(path, scale) for path, scale in loras]
+
+        def sample(s: int, callback):
+            return pipe(
+                images if pipe.plus else images[0],
+                prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                true_cfg_scale=cfg,
+                seed=s,
+                height=size[0],
+                width=size[1],
+                callback=callback,
+                output_type="latent",
+            )
+
+        params = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps}
+        params.update(cfg=cfg, model=model, flavour=pipe.flavour)
+        params["loras"] = [
+            {"name": x.name, "path": str(p), "scale": sc, "sha256": x.digest}
+            for x, (p, sc) in zip(applied, loras, strict=True)
+        ]
+        params["images"] = [
+            {"file": f.name, "width": im.width, "height": im.height}
+            for f, im in zip(image, images, strict=True)
+        ]
+        run_seeds(pipe, seeds, paths, sample, size, params, low_memory, overwrite, start)
 
 
 def tensor_counts(tensors: dict) -> tuple[int, int, dict[str, int]]:

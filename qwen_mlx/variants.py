@@ -90,11 +90,11 @@ def detect_variant(
         found = _variant_from_name(text)
         if found:
             return found
+    if config.get("zero_cond_t"):  # before the class: 2511 is a QwenImageEditPlusPipeline too
+        return "qwen-image-edit-2511"
     cls = index.get("_class_name", "")
     if cls in _CLASS_VARIANTS:
         return _CLASS_VARIANTS[cls]
-    if config.get("zero_cond_t"):
-        return "qwen-image-edit-2511"
     if any("edit" in text.lower() for text in names):
         return "qwen-image-edit"
     return DEFAULT_VARIANT

@@ -287,6 +287,8 @@ def test_detect_variant(tmp_path):
     assert detect_variant(edit / "transformer") == "qwen-image-edit"
     plus = _checkpoint(tmp_path / "p", "QwenImageEditPlusPipeline")
     assert detect_variant(plus) == "qwen-image-edit-2509"
+    zero = _checkpoint(tmp_path / "z", "QwenImageEditPlusPipeline", zero_cond_t=True)
+    assert detect_variant(zero / "transformer", {"zero_cond_t": True}) == "qwen-image-edit-2511"
     named = _checkpoint(tmp_path / "Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline")
     assert detect_variant(named / "transformer") == "qwen-image-edit-2511"
     hub = tmp_path / "hub" / "models--Qwen--Qwen-Image-2512" / "snapshots" / "0a1b2c"

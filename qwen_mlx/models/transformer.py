@@ -54,7 +54,7 @@ class TransformerConfig(ComponentConfig):
         self.axes_dims_rope = tuple(self.axes_dims_rope)
         unsupported = [
             k
-            for k in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+            for k in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
             if getattr(self, k)
         ]
         if unsupported:
@@ -237,6 +237,28 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return x * (1 + scale) + shift
 
 
+class ImageModulation:
+    """The image stream's two (shift, scale, gate) triples, for every token alike, or (Edit-2511,
+    ``zero_cond_t``) the timestep's for the first ``split`` (noisy) tokens and t = 0's for the
+    reference-image tokens after them."""
+
+    def __init__(self, mod: list[mx.array], zero: list[mx.array] | None, split: int) -> None:
+        self.mod, self.zero, self.split = mod, zero, split
+
+    def _per_segment(self, x: mx.array, fn) -> mx.array:
+        if self.zero is None:
+            return fn(x, self.mod)
+        n = self.split
+        return mx.concatenate([fn(x[:, :n], self.mod), fn(x[:, n:], self.zero)], axis=1)
+
+    def modulate(self, x: mx.array, i: int) -> mx.array:
+        """Triple ``i`` (0: before attention, 1: before the MLP) applied to x."""
+        return self._per_segment(x, lambda t, m: modulate(t, m[3 * i], m[3 * i + 1]))
+
+    def gate(self, x: mx.array, i: int) -> mx.array:
+        return self._per_segment(x, lambda t, m: m[3 * i + 2] * t)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -255,22 +277,27 @@ class TransformerBlock(nn.Module):
         temb_act: mx.array,
         mask: mx.array | None,
         rope: tuple[mx.array, mx.array],
+        zero_cond: tuple[mx.array, int] | None = None,
     ) -> tuple[mx.array, mx.array]:
-        img_mod = mx.split(run_linear(self.img_mod, temb_act).astype(F32)[:, None], 6, axis=-1)
-        txt_mod = mx.split(run_linear(self.txt_mod, temb_act).astype(F32)[:, None], 6, axis=-1)
-        shift, scale, gate = img_mod[:3]
+        """``zero_cond``: (t = 0 embedding, noisy token count) under ``zero_cond_t``."""
+
+        def mods(linear: nn.Linear, temb: mx.array) -> list[mx.array]:
+            return mx.split(run_linear(linear, temb).astype(F32)[:, None], 6, axis=-1)
+
+        zero, split = (mods(self.img_mod, zero_cond[0]), zero_cond[1]) if zero_cond else (None, 0)
+        img_mod = ImageModulation(mods(self.img_mod, temb_act), zero, split)
+        txt_mod = mods(self.txt_mod, temb_act)
         t_shift, t_scale, t_gate = txt_mod[:3]
         img_attn, txt_attn = self.attn(
-            modulate(layer_norm(img, self.eps), shift, scale),
+            img_mod.modulate(layer_norm(img, self.eps), 0),
             modulate(layer_norm(txt, self.eps), t_shift, t_scale),
             mask,
             rope,
         )
-        img = img + gate * img_attn
+        img = img + img_mod.gate(img_attn, 0)
         txt = txt + t_gate * txt_attn
 
-        shift, scale, gate = img_mod[3:]
-        img = img + gate * self.img_mlp(modulate(layer_norm(img, self.eps), shift, scale))
+        img = img + img_mod.gate(self.img_mlp(img_mod.modulate(layer_norm(img, self.eps), 1)), 1)
         shift, scale, gate = txt_mod[3:]
         txt = txt + gate * self.txt_mlp(modulate(layer_norm(txt, self.eps), shift, scale))
         return img, txt
@@ -492,8 +519,12 @@ class QwenImageTransformer(nn.Module):
         txt_normed = self.txt_norm(encoder_hidden_states.astype(self.txt_norm.weight.dtype))
         txt = run_linear(self.txt_in, txt_normed).astype(F32)
         temb_act = nn.silu(self.time_embed(timestep))
+        zero_cond = None
+        if cfg.zero_cond_t:  # Edit-2511: reference-image tokens are modulated at t = 0
+            f, h, w = shapes[0]
+            zero_cond = (nn.silu(self.time_embed(mx.zeros_like(timestep))), f * h * w)
 
         for block in self.blocks:
-            img, txt = self.compiled(block)(img, txt, temb_act, mask, rope)
+            img, txt = self.compiled(block)(img, txt, temb_act, mask, rope, zero_cond)
 
         return run_linear(self.proj_out, self.norm_out(img, temb_act)).astype(F32)
