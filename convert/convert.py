@@ -104,6 +104,8 @@ def check_component_folder(folder: Path, options: ConvertOptions) -> None:
     """Check a component's config against its weights' shapes without reading any tensor:
     the converter runs on lazy stand-ins built from the shard headers."""
     folder = Path(folder)
+    # Shapes are checked before quantization (which packs weights into other shapes).
+    options = replace(options, quantize=None, quantize_text_encoder=None)
     module, config, options = _prepared(folder, options)
     out_config = _converted_config(module, config, options, folder)
     shapes: dict[str, tuple[int, ...]] = {}

@@ -231,7 +231,10 @@ def vae_activations(
     """One decode: the full-resolution feature maps dominate; tiles (``tile`` latent pixels a
     side, plus their overlap) bound them."""
     if tile:
-        side = (tile + 2 * 16) * scale  # a tile and its overlap margins, in pixels
+        # A tile is ``tile`` latent pixels a side, its overlap included (vae.tile_spans); one
+        # tile's activations bound the decode: 64-pixel tiles measured 2.05 GiB in float32
+        # (scripts/bench_memory.py), under this formula's 2.8 GiB.
+        side = tile * scale
         height, width = min(height, side), min(width, side)
     return height * width * base_dim * VAE_BYTES_PER_PIXEL_UNIT * dtype_size // 4
 

@@ -249,6 +249,24 @@ def quantized_layers(weights: dict[str, mx.array], group_size: int) -> dict[str,
     return layers
 
 
+def unpacked_shapes(
+    shapes: dict[str, tuple[int, ...]], group_size: int
+) -> dict[str, tuple[int, ...]]:
+    """Weight shapes as the float model has them: a quantized layer's packed ``.weight``
+    becomes (out, in) with in = scale groups x ``group_size``; its scales and biases go."""
+    out = {}
+    for name, shape in shapes.items():
+        path, _, leaf = name.rpartition(".")
+        scales = shapes.get(f"{path}.scales")
+        if scales is None:
+            out[name] = tuple(shape)
+        elif leaf == "weight":
+            out[name] = (shape[0], scales[-1] * group_size)
+        elif leaf not in ("scales", "biases"):
+            out[name] = tuple(shape)
+    return out
+
+
 def is_quantized(weights: dict[str, mx.array]) -> bool:
     return any(k.endswith(".scales") for k in weights)
 

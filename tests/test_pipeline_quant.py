@@ -173,3 +173,34 @@ def test_quantize_stream_holds_one_block(tmp_path):
     assert not lazy  # every float tensor was popped as it was used
     assert quantized < total / 3
     assert peak < quantized + 2.5 * total / 6, (peak / 2**20, quantized / 2**20, total / 2**20)
+
+
+def test_adaln_cache_with_loras(ckpt, tmp_path):
+    """A LoRA touching the modulation (and the time embedding, the output norm, attention):
+    the table carries it, fused into float weights or beside quantized ones, exactly as the
+    uncached model applies it; its identity is part of the cache key."""
+    from tiny_lora import layout_tensors, random_factors, save
+
+    model = build_transformer(
+        "diffusers", num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+        num_layers=3, joint_attention_dim=TEXT_HIDDEN,
+    )  # fmt: skip
+    modules = (
+        "transformer_blocks.0.img_mod.1",
+        "transformer_blocks.1.txt_mod.1",
+        "transformer_blocks.1.attn.to_q",
+        "norm_out.linear",
+        "time_text_embed.timestep_embedder.linear_1",
+    )
+    tensors, _ = layout_tensors("diffusion_model", random_factors(model, modules, 4, 3), 2.0)
+    path = save(tmp_path / "mod.safetensors", tensors)
+    for which in ("f32", 8):
+        images = []
+        for cache in (True, False):
+            pipe = QwenImagePipeline.from_pretrained(ckpt[which], adaln_cache=cache)
+            plain = image(pipe) if cache else None
+            pipe.load_lora(path, 0.8)
+            images.append(image(pipe))
+            if cache:
+                assert not np.array_equal(images[0], plain)  # the LoRA changed the image
+        np.testing.assert_array_equal(images[0], images[1])
