@@ -243,5 +243,8 @@ def _write(
         index["qwen_mlx"]["precision"] = options.precision
     for key in ("quantize", "quantize_text_encoder"):
         if getattr(options, key):
-            index["qwen_mlx"][key] = {"bits": getattr(options, key), "group_size": options.group_size}
+            index["qwen_mlx"][key] = {
+                "bits": getattr(options, key),
+                "group_size": options.group_size,
+            }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
