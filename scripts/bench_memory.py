@@ -178,7 +178,7 @@ def main() -> None:
         return peak, seconds
 
     start = time.perf_counter()
-    small = max(n_img // 4, 64)
+    small = max(n_img // 4, 16)  # a second size splits per-token from per-token^2
     act_small, _ = block_activation(small)
     act_full, block_s = block_activation(n_img)
     # act(N) = a N + b N^2 with N = image + text tokens: b is the attention-score part
