@@ -104,6 +104,8 @@ def check_component_folder(folder: Path, options: ConvertOptions) -> None:
     """Check a component's config against its weights' shapes without reading any tensor:
     the converter runs on lazy stand-ins built from the shard headers."""
     folder = Path(folder)
+    # Shapes are checked before quantization (which packs weights into other shapes).
+    options = replace(options, quantize=None, quantize_text_encoder=None)
     module, config, options = _prepared(folder, options)
     out_config = _converted_config(module, config, options, folder)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -239,4 +241,10 @@ def _write(
     index["qwen_mlx"] = {"format_version": FORMAT_VERSION, "dtype": options.dtype}
     if options.precision:
         index["qwen_mlx"]["precision"] = options.precision
+    for key in ("quantize", "quantize_text_encoder"):
+        if getattr(options, key):
+            index["qwen_mlx"][key] = {
+                "bits": getattr(options, key),
+                "group_size": options.group_size,
+            }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

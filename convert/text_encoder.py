@@ -20,6 +20,12 @@ from qwen_mlx.convert.errors import ConversionError
 from qwen_mlx.convert.options import ConvertOptions
 from qwen_mlx.convert.rules import Rule, rename
 from qwen_mlx.dtypes import cast_floats
+from qwen_mlx.quantize import (
+    linear_shapes,
+    quantization_config,
+    quantize_weights,
+    text_encoder_plan,
+)
 
 RULES: list[Rule] = [
     (r"^model\.language_model\.", "language_model."),  # transformers 5
@@ -41,7 +47,11 @@ def convert_weights(
         if not new.startswith(GROUPS):
             raise ConversionError(f"unexpected text encoder weight {name!r}")
         out[new] = value
-    return cast_floats(out, options.mx_dtype)
+    out = cast_floats(out, options.mx_dtype)
+    if options.quantize_text_encoder:  # in the storage dtype, after the cast
+        plan = text_encoder_plan(options.quantize_text_encoder, options.group_size)
+        out = quantize_weights(out, plan.bits_for, plan.group_size)
+    return out
 
 
 def convert_config(config: dict, options: ConvertOptions) -> dict:
@@ -54,4 +64,12 @@ def convert_config(config: dict, options: ConvertOptions) -> dict:
         }
     )
     config["qwen_mlx"] = section
+    if options.quantize_text_encoder:
+        from qwen_mlx.models.text_encoder import Qwen25VLTextModel, TextEncoderConfig
+
+        plan = text_encoder_plan(options.quantize_text_encoder, options.group_size)
+        skeleton = Qwen25VLTextModel(TextEncoderConfig.from_dict(config))  # lazy: no memory
+        shapes = ((f"language_model.{p}", s) for p, s in linear_shapes(skeleton))
+        config["quantization"] = quantization_config(plan, shapes)
+        config["quantization"]["unquantized"].append("visual")
     return config

@@ -16,6 +16,13 @@ from qwen_mlx.convert.options import ConvertOptions
 from qwen_mlx.dtypes import DTYPES
 from qwen_mlx.naming import TRANSFORMER_RULES, rename
 from qwen_mlx.precision import PrecisionPlan, fold_summary, fold_weight, make_plan, plan_dtype
+from qwen_mlx.quantize import (
+    QuantizationPlan,
+    linear_shapes,
+    quantization_config,
+    quantize_weights,
+    transformer_plan,
+)
 from qwen_mlx.variants import detect_variant, normalize_variant
 
 RULES = TRANSFORMER_RULES
@@ -55,6 +62,11 @@ def _storage(plan: PrecisionPlan, options: ConvertOptions, name: str) -> mx.Dtyp
     return plan_dtype(plan, name)
 
 
+def quant_plan_for(options: ConvertOptions) -> QuantizationPlan | None:
+    """The quantization plan ``--quantize`` asks for, or None."""
+    return transformer_plan(options.quantize, options.group_size) if options.quantize else None
+
+
 def convert_weights(
     weights: dict[str, mx.array], config: dict, options: ConvertOptions
 ) -> dict[str, mx.array]:
@@ -64,6 +76,12 @@ def convert_weights(
         new = rename(name, RULES)
         folded, _ = fold_weight(new, w, plan)  # in float32, before the cast
         out[new] = folded.astype(_storage(plan, options, new))
+    quant = quant_plan_for(options)
+    if quant is not None:  # after folding and the cast: quantize in the storage dtype
+        layers = int(config.get("num_layers", 60))
+        out = quantize_weights(
+            out, lambda path, shape: quant.bits_for(path, shape, layers), quant.group_size
+        )
     return out
 
 
@@ -77,4 +95,13 @@ def convert_config(config: dict, options: ConvertOptions) -> dict:
     if options.precision:
         section["dtype"] = "float32" if options.dtype == "float32" else plan.storage_dtype()
     config["qwen_mlx"] = section
+    quant = quant_plan_for(options)
+    if quant is not None:
+        from qwen_mlx.models.transformer import QwenImageTransformer, TransformerConfig
+
+        # A skeleton lists the linears (its random init is lazy: nothing is allocated).
+        skeleton = QwenImageTransformer(TransformerConfig.from_dict(config))
+        config["quantization"] = quantization_config(
+            quant, linear_shapes(skeleton), skeleton.config.num_layers
+        )
     return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -84,6 +85,17 @@ def convert(
         str | None,
         typer.Option(help="Model variant for the fp16 scale table (default: detected)"),
     ] = None,
+    quantize: Annotated[
+        int | None,
+        typer.Option(help="Store the transformer quantized: 4 or 8 bits (see the README)"),
+    ] = None,
+    group_size: Annotated[int, typer.Option(help="Quantization group size")] = 64,
+    quantize_text_encoder: Annotated[
+        str,
+        typer.Option(
+            help="Language model: 4, 8, none, or auto (8 bits with --quantize, else none)"
+        ),
+    ] = "auto",
     force: Annotated[
         bool,
         typer.Option(help="Replace DST if it is an empty folder or a qwen-mlx checkpoint"),
@@ -94,9 +106,11 @@ def convert(
     from qwen_mlx.convert.errors import ConversionInterrupted
 
     from .device import auto_precision
+    from .quantize import text_encoder_bits
 
     with user_errors():
         start = time.perf_counter()
+        te_bits = text_encoder_bits(quantize_text_encoder, quantize)
         if precision == "auto":
             precision, why = auto_precision()
             typer.echo(f"precision auto -> {precision} ({why})", err=True)
@@ -104,7 +118,14 @@ def convert(
             raise UserError(
                 f"unknown precision {precision!r}; choose fp32, bf16, fp16, mixed, auto"
             )
-        options = ConvertOptions(dtype=dtype, precision=precision, variant=variant)
+        options = ConvertOptions(
+            dtype=dtype,
+            precision=precision,
+            variant=variant,
+            quantize=quantize,
+            group_size=group_size,
+            quantize_text_encoder=te_bits,
+        )
         try:
             out = convert_checkpoint(
                 src, dst, options, force=force, log=lambda m: typer.echo(m, err=True)
@@ -112,7 +133,12 @@ def convert(
         except (KeyboardInterrupt, ConversionInterrupted) as e:
             typer.echo(f"error: {e or 'interrupted'}; nothing was written to {dst}", err=True)
             raise typer.Exit(128 + getattr(e, "signum", 2)) from None
-        typer.echo(f"wrote {out} ({precision or dtype}) in {time.perf_counter() - start:.1f} s")
+        what = precision or dtype
+        if quantize:
+            what += f", transformer {quantize}-bit"
+        if te_bits:
+            what += f", text encoder {te_bits}-bit"
+        typer.echo(f"wrote {out} ({what}) in {time.perf_counter() - start:.1f} s")
 
 
 ASPECTS = {
@@ -329,6 +355,25 @@ def generate(
     mask: Annotated[
         Path | None, typer.Option(help="With --image: inpainting mask, white = repaint")
     ] = None,
+    quantize: Annotated[
+        int | None,
+        typer.Option(help="Quantize a float transformer as it loads: 4 or 8 bits"),
+    ] = None,
+    quantize_text_encoder: Annotated[
+        str, typer.Option(help="Language model: 4, 8, none, or auto (8 with --quantize)")
+    ] = "auto",
+    adaln_cache: Annotated[
+        bool,
+        typer.Option(
+            "--adaln-cache/--no-adaln-cache",
+            help="Precompute the modulation for the schedule (the transformer then loads "
+            "without its 6.8 B modulation parameters); off computes it every step",
+        ),
+    ] = True,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="Print the plan and the expected peak memory; load and write nothing"),
+    ] = False,
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
 
@@ -336,6 +381,7 @@ def generate(
     from .img2img import as_pil
     from .outputs import check_outputs
     from .pipeline import QwenImagePipeline, check_size, random_seed
+    from .quantize import check_bits, text_encoder_bits
     from .sampler import LIGHTNING_SCHEDULER
 
     with user_errors():
@@ -378,13 +424,20 @@ def generate(
         if len(set(seeds)) != len(seeds):
             raise UserError("each --seed may be given once")
         paths = output_paths(output, seeds)
-        check_outputs(paths, overwrite)
+        if not dry_run:
+            check_outputs(paths, overwrite)
+        if quantize is not None:
+            check_bits(quantize)
+        te_bits = text_encoder_bits(quantize_text_encoder, quantize)
 
         start = time.perf_counter()
         pipe = QwenImagePipeline.from_pretrained(
             model,
             precision=precision,
             scheduler_overrides=LIGHTNING_SCHEDULER if lightning else None,
+            quantize=quantize,
+            quantize_text_encoder=te_bits or "none",
+            adaln_cache=adaln_cache,
         )
         width, height = pipe.output_size(width, height, source)
         pipe.check_components()
@@ -395,7 +448,19 @@ def generate(
             max_sequence_length=max_sequence_length,
             low_memory=low_memory,
             precision=pipe.precision if isinstance(pipe.precision, str) else None,
+            quant_bits=quantize,
+            vae_tile=pipe.decode_tile_size or 128,
+            adaln_cache=adaln_cache,
+            text_encoder_bits=te_bits,
         )
+        if dry_run:
+            for line in memory_lines(pipe.source, request):
+                typer.echo(line)
+            typer.echo(
+                f"dry run: {len(seeds)} image(s) {width}x{height}, {steps} steps; "
+                "nothing loaded or written"
+            )
+            return
         check_memory(pipe, request, ignore_memory_limit)
         applied = [pipe.load_lora(path, scale) for path, scale in loras]  # checked here
 
@@ -422,6 +487,8 @@ def generate(
             "steps": steps,
             "cfg": cfg,
             "model": model,
+            "quantize": pipe.quantize,
+            "adaln_cache": pipe.adaln_cache,
             "lightning": lightning,
             "loras": [
                 {"name": x.name, "path": str(p), "scale": sc, "sha256": x.digest}
@@ -573,6 +640,16 @@ def info(
         str | None, typer.Option(help="Precision plan for the memory estimate (default: stored)")
     ] = None,
     low_memory: Annotated[bool, typer.Option(help="Estimate with --low-memory")] = False,
+    quantize: Annotated[
+        int | None, typer.Option(help="Estimate quantizing the transformer at load: 4 or 8")
+    ] = None,
+    quantize_text_encoder: Annotated[
+        str, typer.Option(help="Language model: 4, 8, none, or auto (8 with --quantize)")
+    ] = "auto",
+    adaln_cache: Annotated[
+        bool, typer.Option("--adaln-cache/--no-adaln-cache", help="Estimate with the adaLN cache")
+    ] = True,
+    cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="True CFG (doubled batch)")] = True,
 ) -> None:
     """Components, parameter counts, dtypes and estimated peak memory of a model (from the
     safetensors headers: nothing is loaded, downloaded or converted)."""
@@ -583,7 +660,21 @@ def info(
 
     with user_errors():
         check_size(height, width)
-        request = memory.Request(width, height, precision=precision, low_memory=low_memory)
+        from .quantize import check_bits, text_encoder_bits
+
+        if quantize is not None:
+            check_bits(quantize)
+        te_bits = text_encoder_bits(quantize_text_encoder, quantize)
+        request = memory.Request(
+            width,
+            height,
+            cfg=cfg,
+            precision=precision,
+            low_memory=low_memory,
+            quant_bits=quantize,
+            adaln_cache=adaln_cache,
+            text_encoder_bits=te_bits,
+        )
         if is_hub_id(model) and not Path(model).expanduser().exists():
             from .remote import hub_headers
 
@@ -620,8 +711,13 @@ def info(
         typer.echo(f"auto precision on this machine: {name} ({why})")
         if source is not None:
             tensors, configs, load_dtype = memory.source_inputs(source)
+        quantized = quantize or "quantization" in configs.get("transformer", {})
+        if quantized:
+            request = dataclasses.replace(request, vae_tile=memory.LEAN_DECODE_TILE)
         est = memory.estimate(tensors, request, configs, load_dtype)
         limit, where = memory.machine_memory()
+        for line in stage_lines(est):
+            typer.echo(line)
         typer.echo(
             f"estimated peak memory at {width}x{height}: {est.describe()}; "
             f"this machine: {memory.gib(limit)} ({where})"
@@ -630,6 +726,37 @@ def info(
             fits = memory.alternatives(tensors, request, configs, limit, load_dtype)
             hint = "; ".join(f"{f.label} (~{memory.gib(f.peak)})" for f in fits) or "nothing"
             typer.echo(f"does not fit; would fit: {hint}")
+
+
+def stage_lines(est) -> list[str]:
+    """Each stage's expected memory (weights held + activations)."""
+    from . import memory
+
+    return [
+        f"  {stage:8s} {memory.gib(total):>9s}  (activations "
+        f"{memory.gib(est.activations.get(stage, 0))})"
+        for stage, total in est.stages.items()
+    ]
+
+
+def memory_lines(source, request) -> list[str]:
+    """What ``generate --dry-run`` prints: the run's settings, each stage, the peak."""
+    from . import memory
+
+    est = memory.source_estimate(source, request)
+    limit, where = memory.machine_memory()
+    what = (
+        f"memory plan for {request.width}x{request.height}{', true CFG' if request.cfg else ''}:"
+        f" transformer {f'{request.quant_bits}-bit' if request.quant_bits else 'as stored'}"
+        f"{', adaLN cache' if request.adaln_cache else ''}; text encoder "
+        f"{f'{request.text_encoder_bits}-bit' if request.text_encoder_bits else 'as stored'}"
+    )
+    fits = "fits" if est.peak <= limit else "does NOT fit"
+    return [
+        what,
+        *stage_lines(est),
+        f"expected peak: {est.describe()}; this machine: {memory.gib(limit)} ({where}): {fits}",
+    ]
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -99,14 +99,14 @@ class QwenImageEditPipeline(QwenImagePipeline):
     vae_image_area: int = VAE_IMAGE_AREA
     condition_image_area: int = CONDITION_IMAGE_AREA
 
-    def __init__(self, source, precision=None, scheduler_overrides=None, compile: bool = True):
+    def __init__(self, source, *args, **kwargs):
         cls_name = source.index.get("_class_name")
         if cls_name not in EDIT_CLASSES:
             raise CheckpointError(
                 f"{source.name} is a {cls_name or 'checkpoint without _class_name'}, not a "
                 f"Qwen-Image-Edit checkpoint ({' or '.join(EDIT_CLASSES)}); use QwenImagePipeline"
             )
-        super().__init__(source, precision, scheduler_overrides, compile)
+        super().__init__(source, *args, **kwargs)
         self.plus = EDIT_CLASSES[cls_name]
         self._edit_prompts: dict[tuple[str, str], Embeds] = {}
         self._references: tuple[str, mx.array, list] | None = None  # the last images' latents

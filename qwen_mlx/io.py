@@ -220,6 +220,7 @@ def parameter_counts(folder: Path) -> tuple[int, int, dict[str, int]]:
     folder = Path(folder)
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     bits = int((config.get("quantization") or {}).get("bits", 0) or 0)
+    group_size = int((config.get("quantization") or {}).get("group_size", 64) or 64)
     header: dict = {}
     for shard in list_shards(folder):
         header.update(safetensors_header(shard))
@@ -235,8 +236,11 @@ def parameter_counts(folder: Path) -> tuple[int, int, dict[str, int]]:
         if quantized and key.endswith((".scales", ".biases")):
             continue
         if quantized and info["dtype"] == "U32":
-            count = count * 32 // bits
-            kind = f"Q{bits}"
+            # each layer's own bits (a plan may mix 4 and 8): packed columns x 32 / inputs
+            inputs = header[f"{stem}.scales"]["shape"][-1] * group_size
+            layer_bits = info["shape"][-1] * 32 // inputs if inputs else bits
+            count = count * 32 // layer_bits
+            kind = f"Q{layer_bits}"
         else:
             kind = info["dtype"]
         params += count

@@ -11,8 +11,11 @@ Stages and what they hold (``STAGES``): prompt encoding holds the text encoder's
 transformer unless ``low_memory`` frees it first. Weight bytes are what each tensor will occupy
 once loaded: its stored size, or its size in the dtype a precision plan or an in-memory
 conversion gives it, or ``quant_bits`` bits per weight (+ a scale and a bias per group) for
-weights quantized on load. Activation terms are fitted to measurements
-(``scripts/measure_memory.py``) and rounded up.
+weights quantized on load, layer by layer as the 4/8-bit plan gives them
+(``qwen_mlx.quantize``: some layers stay float or at 8 bits). With the adaLN cache
+(``adaln_cache``) the transformer's modulation weights are never loaded; ``text_encoder_bits``
+quantizes the language model. Activation terms are fitted to measurements
+(``scripts/measure_memory.py``, ``scripts/bench_memory.py``) and rounded up.
 """
 
 from __future__ import annotations
@@ -42,6 +45,22 @@ VAE_BYTES_PER_PIXEL_UNIT = 120  # per output pixel x base_dim in float32 (x dtyp
 TEXT_BYTES_PER_TOKEN_UNIT = 40  # per prompt token x hidden size (from the layer widths)
 TEMPLATE_TOKENS = 34  # the prompt template's tokens (dropped after encoding)
 MEMORY_ENV = "QWEN_MLX_MEMORY_LIMIT"  # e.g. "24GiB": a budget instead of the machine's size
+# Quantized pipelines decode in tiles of this many latent pixels (512x512 output per tile): one
+# tile's activations bound the decoder's (scripts/bench_memory.py measures them).
+LEAN_DECODE_TILE = 64
+# The MLX buffer cache keeps freed buffers for reuse; bound it so it cannot grow to a second
+# copy of the activations on a small machine.
+CACHE_LIMIT_MAX = 2 * GiB
+
+
+def cache_limit(memory: int | None = None) -> int:
+    """The MLX buffer-cache limit the pipeline sets: 1/16 of the device's memory, at most
+    2 GiB (1 GiB on a 16 GB Mac)."""
+    if memory is None:
+        from qwen_mlx.device import memory_size
+
+        memory = memory_size() or 16 * GiB
+    return int(min(CACHE_LIMIT_MAX, max(memory // 16, 256 * 2**20)))
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,8 @@ class Request:
     quant_bits: int | None = None  # transformer weights quantized to this many bits on load
     group_size: int = 64  # quantization group (one scale and one bias per group)
     vae_tile: int | None = 128  # VAE decode tile side in latent pixels (None: untiled)
+    adaln_cache: bool = False  # modulation precomputed: its weights are never loaded
+    text_encoder_bits: int | None = None  # language model quantized on load to this many bits
 
 
 @dataclass
@@ -154,16 +175,21 @@ def weight_bytes(
     dtype_of=None,
     quant_bits: int | None = None,
     group_size: int = 64,
+    bits_of=None,
 ) -> int:
     """Bytes of ``tensors`` once loaded. ``dtype_of(name)`` gives a float tensor's dtype size in
     memory (None: as stored); ``quant_bits`` quantizes eligible weights (scale and bias per
-    group in 2 bytes each); integer tensors (already quantized) count as stored."""
+    group in 2 bytes each), or ``bits_of(name, info)`` says per weight (None: float); integer
+    tensors (already quantized) count as stored."""
     total = 0
     for name, info in tensors.items():
+        bits = quant_bits
+        if bits_of is not None and info.dtype in FLOAT_DTYPES and name.endswith(".weight"):
+            bits = bits_of(name, info)
         if info.dtype not in FLOAT_DTYPES:
             total += info.nbytes
-        elif quant_bits and quantizable(name, info, group_size):
-            total += info.size * quant_bits // 8 + info.size // group_size * 4
+        elif bits and quantizable(name, info, group_size):
+            total += info.size * bits // 8 + info.size // group_size * 4
         else:
             size = dtype_of(name) if dtype_of is not None else None
             total += info.size * (size or DTYPE_BYTES[info.dtype])
@@ -205,7 +231,10 @@ def vae_activations(
     """One decode: the full-resolution feature maps dominate; tiles (``tile`` latent pixels a
     side, plus their overlap) bound them."""
     if tile:
-        side = (tile + 2 * 16) * scale  # a tile and its overlap margins, in pixels
+        # A tile is ``tile`` latent pixels a side, its overlap included (vae.tile_spans); one
+        # tile's activations bound the decode: 64-pixel tiles measured 2.05 GiB in float32
+        # (scripts/bench_memory.py), under this formula's 2.8 GiB.
+        side = tile * scale
         height, width = min(height, side), min(width, side)
     return height * width * base_dim * VAE_BYTES_PER_PIXEL_UNIT * dtype_size // 4
 
@@ -238,9 +267,13 @@ def estimate(
         if comp not in tensors:
             continue
         rule = _dtype_rule(comp, configs.get(comp, {}), request, load_dtype)
-        bits = request.quant_bits if comp == "transformer" else None
         loaded = loaded_tensors(tensors[comp], comp)
-        weights[comp] = weight_bytes(loaded, rule, bits, request.group_size)
+        bits_of = None
+        if comp == "transformer":
+            loaded, bits_of = _transformer_plan(loaded, configs.get(comp, {}), request, load_dtype)
+        elif comp == "text_encoder" and request.text_encoder_bits:
+            bits_of = _text_encoder_bits(request)
+        weights[comp] = weight_bytes(loaded, rule, None, request.group_size, bits_of)
     t = configs.get("transformer", {})
     heads = int(t.get("num_attention_heads", 24))
     inner = heads * int(t.get("attention_head_dim", 128))
@@ -267,6 +300,48 @@ def estimate(
         ),
     }
     return Estimate(weights, activations, request)
+
+
+def _transformer_plan(
+    tensors: dict[str, TensorInfo], config: dict, request: Request, load_dtype: str | None
+):
+    """(the transformer tensors that load, bits_of for quantizing on load or None): without the
+    modulation under the adaLN cache; the 4/8-bit plan's bits per layer."""
+    from qwen_mlx.models.transformer import MODULATION_WEIGHTS
+    from qwen_mlx.quantize import transformer_plan
+
+    rename = (lambda name: name) if load_dtype is None else _mlx_name  # unconverted: map names
+    if request.adaln_cache:
+        tensors = {k: v for k, v in tensors.items() if not MODULATION_WEIGHTS.match(rename(k))}
+    if not request.quant_bits:
+        return tensors, None
+    plan = transformer_plan(request.quant_bits, request.group_size)
+    layers = int(config.get("num_layers", 60))
+
+    def bits_of(name: str, info: TensorInfo) -> int | None:
+        return plan.bits_for(rename(name).rsplit(".", 1)[0], info.shape, layers)
+
+    return tensors, bits_of
+
+
+def _text_encoder_bits(request: Request):
+    """bits_of for the language model quantized on load (the vision tower is not loaded)."""
+    from qwen_mlx.quantize import text_encoder_plan
+
+    plan = text_encoder_plan(request.text_encoder_bits, request.group_size)
+
+    def bits_of(name: str, info: TensorInfo) -> int | None:
+        return plan.bits_for(name.rsplit(".", 1)[0], info.shape)
+
+    return bits_of
+
+
+def _mlx_name(name: str) -> str:
+    """A diffusers transformer weight name in this package's naming (the converter's rules)."""
+    from qwen_mlx.convert.rules import rename
+    from qwen_mlx.convert.transformer import RULES
+
+    return rename(name, RULES)
 
 
 def _stored_plan(config: dict) -> str:

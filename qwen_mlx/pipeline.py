@@ -12,6 +12,7 @@ seeds never reloads the text encoder. ``low_memory=True`` frees the transformer 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import OrderedDict
@@ -22,12 +23,24 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_mlx import checks, img2img
+from qwen_mlx.adaln import AdaLNCache
 from qwen_mlx.checks import check_size
 from qwen_mlx.device import auto_precision
 from qwen_mlx.errors import NonFiniteError
 from qwen_mlx.loading import ModelSource, resolve
 from qwen_mlx.lora import LoRA, LoraStack, fuse_weights, lora_key, read_lora, target_shapes
+from qwen_mlx.memory import LEAN_DECODE_TILE, cache_limit
+from qwen_mlx.models.transformer import Modulation, TransformerConfig
 from qwen_mlx.precision import PrecisionPlan, component_dtype
+from qwen_mlx.quantize import (
+    check_bits,
+    group_size_of,
+    is_quantized,
+    quantize_stream,
+    text_encoder_bits,
+    text_encoder_plan,
+    transformer_plan,
+)
 from qwen_mlx.sampler import SchedulerConfig, euler_step, schedule, true_cfg
 
 PATCH = 2
@@ -119,9 +132,25 @@ class QwenImagePipeline:
         precision: PrecisionPlan | str | None = None,
         scheduler_overrides: dict | None = None,
         compile: bool = True,
+        quantize: int | None = None,
+        quantize_text_encoder: int | str | None = "auto",
+        adaln_cache: bool = True,
+        decode_tile_size: int | None = None,
     ):
         self.source = source
         self.compile = compile
+        self.quantize = check_bits(quantize) if quantize else None
+        self.text_encoder_bits = text_encoder_bits(quantize_text_encoder, self.quantize)
+        # Edit-2511 (zero_cond_t) also needs every block's modulation at t = 0, which the cache
+        # does not hold yet: such checkpoints compute modulation from the weights.
+        self.adaln_cache = adaln_cache and not source.config("transformer").get("zero_cond_t")
+        self._adaln = AdaLNCache()
+        mx.set_cache_limit(cache_limit())
+        # A quantized (memory-lean) run decodes in tiles of 64 latent pixels (512x512 images:
+        # tiled and untiled agree to rounding; about 1.8x the work of the high-resolution
+        # layers), which bounds the decoder's activations; otherwise the VAE's default.
+        lean = bool(self.quantize) or "quantization" in source.config("transformer")
+        self.decode_tile_size = decode_tile_size or (LEAN_DECODE_TILE if lean else None)
         if precision == "auto":
             precision, _ = auto_precision()
         if isinstance(precision, str):
@@ -150,16 +179,35 @@ class QwenImagePipeline:
         cache_dir: str | Path | None = None,
         scheduler_overrides: dict | None = None,
         compile: bool = True,
+        quantize: int | None = None,
+        quantize_text_encoder: int | str | None = "auto",
+        adaln_cache: bool = True,
     ) -> QwenImagePipeline:
         """``src``: a converted folder, a diffusers-layout folder (converted in memory as it
         loads) or a hub repo id (downloaded, converted once into the qwen-mlx cache).
         ``dtype`` is the conversion dtype for unconverted sources; ``precision`` overrides the
         transformer's stored precision plan (e.g. "bfloat16"); ``compile`` runs the transformer's
-        blocks through ``mx.compile`` (same results, less time)."""
+        blocks through ``mx.compile`` (same results, less time).
+
+        ``quantize`` (4 or 8) quantizes a float transformer as it loads, one block at a time
+        (the same weights ``convert --quantize`` writes); ``quantize_text_encoder`` (4, 8, "none"
+        or "auto": 8 bits when ``quantize`` is given) does the same for the language model.
+        ``adaln_cache`` (default on) precomputes every block's modulation for the sampling
+        schedule into ``$QWEN_MLX_CACHE/adaln`` and loads the transformer without its 6.8 B
+        modulation parameters; False computes them from the weights each step (same result).
+        """
         source = resolve(src, dtype=dtype, revision=revision, cache_dir=cache_dir)
         for name in ("transformer", "vae", "text_encoder", "tokenizer"):
             source.folder(name)  # a missing or unconverted component fails here, before any work
-        return cls(source, precision, scheduler_overrides, compile)
+        return cls(
+            source,
+            precision,
+            scheduler_overrides,
+            compile,
+            quantize,
+            quantize_text_encoder,
+            adaln_cache,
+        )
 
     # -- components (built on first use, freed with ``free``)
 
@@ -191,14 +239,20 @@ class QwenImagePipeline:
                 stored = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
                 weights = fuse_weights(weights, self._loras, stored)
             model = QwenImageTransformer.from_weights(
-                config, weights, self.precision, where=str(self.source.folder("transformer"))
+                config,
+                weights,
+                self.precision,
+                where=str(self.source.folder("transformer")),
+                modulation=not self.adaln_cache,
+                quantize=self.quantize,
             )
             model.compile(self.compile)
             # Unloading drops the model (it reloads clean), so no copies of originals are kept.
             self._lora_stack = LoraStack(model, keep_originals=False)
             for lora, scale in [] if fused else self._loras:
-                self._lora_stack.add(lora, scale)
+                self._lora_stack.add(self._model_lora(lora), scale)
             self._components["transformer"] = model
+            mx.clear_cache()
         return self._components["transformer"]
 
     @property
@@ -216,15 +270,25 @@ class QwenImagePipeline:
     @property
     def text_encoder(self):
         if "text_encoder" not in self._components:
-            from qwen_mlx.models.text_encoder import QwenTextEncoder
+            from qwen_mlx.models.text_encoder import LANGUAGE_MODEL_PREFIX, QwenTextEncoder
 
             self.check_components()
-            config, weights = self.source.component("text_encoder")
+            # Memory plan: never the text encoder and the transformer at once (the transformer
+            # reloads lazily when sampling continues, with its LoRAs).
+            self.free("transformer")
+            dtype = self._component_dtype("text_encoder")
+            config, weights = self.source.component("text_encoder", dtype=dtype)
+            if self.text_encoder_bits and not is_quantized(weights):
+                plan = text_encoder_plan(self.text_encoder_bits)
+                lm = {k: v for k, v in weights.items() if k.startswith(LANGUAGE_MODEL_PREFIX)}
+                weights = quantize_stream(lm, plan.bits_for, plan.group_size)
+                quantization = {"bits": plan.bits, "group_size": plan.group_size}
+                config = {**config, "quantization": quantization}
             self._components["text_encoder"] = QwenTextEncoder.from_weights(
                 config,
                 weights,
                 self.source.folder("tokenizer"),
-                dtype=self._component_dtype("text_encoder"),
+                dtype=dtype,
                 where=str(self.source.folder("text_encoder")),
             )
         return self._components["text_encoder"]
@@ -252,7 +316,7 @@ class QwenImagePipeline:
             raise ValueError(f"LoRA scale must be a finite number, got {scale}")
         lora = read_lora(path)
         if self._lora_stack is not None and "transformer" in self._components:
-            self._lora_stack.add(lora, scale)
+            self._lora_stack.add(self._model_lora(lora), scale)
         else:
             lora.check(self._transformer_shapes())
         self._loras.append((lora, scale))
@@ -268,6 +332,16 @@ class QwenImagePipeline:
     def loras(self) -> list[tuple[LoRA, float]]:
         """The loaded LoRAs and their scales, in loading order."""
         return list(self._loras)
+
+    def _model_lora(self, lora: LoRA) -> LoRA:
+        """The part of ``lora`` the loaded transformer holds: under the adaLN cache the
+        modulation updates go into the modulation table instead (``modulation_table``)."""
+        if not self.adaln_cache:
+            return lora
+        from qwen_mlx.models.transformer import MODULATION_WEIGHTS
+
+        updates = {k: v for k, v in lora.updates.items() if not MODULATION_WEIGHTS.match(k)}
+        return dataclasses.replace(lora, updates=updates)
 
     def lora_key(self) -> str:
         """A stable identity of the loaded LoRA set ("" for none): file contents and scales.
@@ -296,6 +370,41 @@ class QwenImagePipeline:
 
     def transformer_config(self) -> dict:
         return self.source.config("transformer")
+
+    # -- the adaLN cache
+
+    def modulation_table(self, timesteps: mx.array) -> Sequence[Modulation]:
+        """Every step's modulation for ``timesteps`` (the sigmas the transformer receives, one
+        per step) from the adaLN cache, computed (streamed from disk, one block at a time, with
+        the loaded LoRAs) and stored if missing. Nothing else of the transformer is loaded."""
+        from qwen_mlx.adaln import cache_key, compute_modulation, weights_identity
+        from qwen_mlx.models.transformer import MODULATION_WEIGHTS, QwenImageTransformer
+
+        folder = self.source.folder("transformer")
+        config, weights = self.source.component("transformer")  # lazy: headers only
+        plan = QwenImageTransformer.target_plan(config, self.precision, str(folder))
+        quant = transformer_plan(self.quantize) if self.quantize else None
+        extra = {"converted": self.source.converted, "quantize": self.quantize}
+        if not self.source.converted:
+            extra["dtype"] = self.source.dtype
+        key = cache_key(weights_identity(folder), plan, timesteps, self.lora_key(), extra)
+
+        def build() -> list[Modulation]:
+            cfg = TransformerConfig.from_dict(config)
+            stored = PrecisionPlan.from_config(config, cfg.num_layers)
+            quantized = any(k.endswith(".scales") for k in weights)
+            mods = weights
+            loras = self._loras
+            if loras and not quantized:  # fused into the float weights, as the model does
+                mods, loras = fuse_weights(weights, loras, stored), []
+            mods = {k: v for k, v in mods.items() if MODULATION_WEIGHTS.match(k)}
+            return compute_modulation(
+                cfg, mods, stored, plan, timesteps, group_size_of(config), quant, loras
+            )
+
+        table = self._adaln.get(key, build)
+        mx.clear_cache()
+        return table
 
     # -- stage 1: prompts
 
@@ -402,18 +511,23 @@ class QwenImagePipeline:
         )
         if embeds.shape[0] != batch * (1 if negative is None else 2):
             raise ValueError(f"{embeds.shape[0]} prompt embeddings for {batch} latents")
+        # The sigmas the transformer sees; each step's modulation is computed once for the
+        # whole (doubled, under CFG) batch, or read from the adaLN cache, built before the
+        # transformer loads.
+        t_in = mx.array([float(t) for t in timesteps], dtype=mx.float32) / 1000.0
+        table = self.modulation_table(t_in) if self.adaln_cache else None
         model = self.transformer
         rows = batch if negative is None else 2 * batch
         shapes = [list(img_shapes)] * rows
         n = len(timesteps)
-        for i, t in enumerate(timesteps):
+        for i in range(n):
             x = latents
             if reference_latents is not None:
                 x = mx.concatenate([x, reference_latents.astype(x.dtype)], axis=1)
             if negative is not None:
                 x = mx.concatenate([x, x])
-            t_in = mx.full((rows,), float(t), dtype=mx.float32) / 1000.0
-            v = model(x, embeds, mask, t_in, shapes)[:, :L]
+            mod = table[i] if table is not None else model.modulation(t_in[i : i + 1])
+            v = model(x, embeds, mask, None, shapes, modulation=mod)[:, :L]
             if negative is not None:
                 v = true_cfg(v[:batch], v[batch:], true_cfg_scale)
             latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
@@ -463,7 +577,9 @@ class QwenImagePipeline:
         z = unpack_latents(latents, height // self.vae_scale, width // self.vae_scale)
         mean = mx.array(vae.latents_mean, dtype=mx.float32)
         std = mx.array(vae.latents_std, dtype=mx.float32)
-        image = vae.decode(z.astype(mx.float32) * std + mean, clip=False).astype(mx.float32)
+        tiles = {"tile_size": self.decode_tile_size} if self.decode_tile_size else {}
+        image = vae.decode(z.astype(mx.float32) * std + mean, clip=False, **tiles)
+        image = image.astype(mx.float32)
         mx.eval(image)
         check_finite(image, "the decoded image")
         return mx.clip(image / 2 + 0.5, 0.0, 1.0)
@@ -572,6 +688,7 @@ class QwenImagePipeline:
             latents, cond, uncond, sig, timesteps, [(1, h, w)], true_cfg_scale, callback, hook
         )
         self.timings["denoise"] = time.perf_counter() - start
+        mx.clear_cache()
         if output_type == "latent":
             return latents
         if low_memory:

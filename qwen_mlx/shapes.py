@@ -133,6 +133,10 @@ def check_component(component: str, config: dict, shapes: Shapes, where: str) ->
     ``shapes``. Components other than transformer, vae and text_encoder are not checked."""
     if component not in IMPLIED:
         return
+    if "quantization" in config:  # packed 4/8-bit weights: check the shapes they stand for
+        from qwen_mlx.quantize import group_size_of, unpacked_shapes
+
+        shapes = unpacked_shapes(shapes, group_size_of(config))
     wrong = []
     try:
         for key, value in implied_values(component, shapes).items():

@@ -1,5 +1,20 @@
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/ helpers (helpers.py, tiny builders) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _qwen_mlx_cache(tmp_path_factory):
+    """Caches (adaLN tables, hub conversions) go to a temporary folder, never the user's."""
+    old = os.environ.get("QWEN_MLX_CACHE")
+    os.environ["QWEN_MLX_CACHE"] = str(tmp_path_factory.mktemp("qwen-mlx-cache"))
+    yield
+    if old is None:
+        os.environ.pop("QWEN_MLX_CACHE", None)
+    else:
+        os.environ["QWEN_MLX_CACHE"] = old

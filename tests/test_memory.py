@@ -92,8 +92,13 @@ def test_released_model_estimate(tmp_path, monkeypatch):
     assert low.peak < est.peak and low.peak_stage == "denoise"
     fp32 = estimate(tensors, Request(width=1328, height=1328, precision="fp32"), configs)
     assert fp32.weights["transformer"] == params * 4
+    # quantized on load by the 4-bit plan (qwen_mlx.quantize): modulation and the first and
+    # last blocks at 8 bits, the rest at 4; a 2-byte scale and bias per 64 weights
     q4 = estimate(tensors, Request(width=1328, height=1328, quant_bits=4), configs)
-    assert q4.weights["transformer"] == params // 2 + params // 64 * 4
+    d2 = 3072**2
+    per_block4 = 24 * d2 * (4 / 8 + 4 / 64) + 12 * d2 * (8 / 8 + 4 / 64)
+    per_block8 = 36 * d2 * (8 / 8 + 4 / 64)
+    assert q4.weights["transformer"] == pytest.approx(58 * per_block4 + 2 * per_block8, rel=1e-9)
 
 
 def test_refusal_names_the_estimate_and_what_would_fit(tmp_path, monkeypatch):
@@ -134,3 +139,81 @@ def test_memory_limit_from_the_environment(monkeypatch):
     monkeypatch.delenv(memory.MEMORY_ENV)
     size, where = memory.machine_memory()
     assert size > 2**28 and where  # this machine's own figure
+
+
+def test_adaln_cache_and_text_encoder_bits(tmp_path, monkeypatch):
+    """The adaLN cache leaves the 6.8 B modulation parameters on disk; the language model
+    quantized on load prices at its bits; the 16 GB-Mac configuration stays under 10 GiB."""
+    monkeypatch.setattr(memory, "_on_gpu", lambda: True)
+    tensors, configs = released_like(tmp_path)
+    base = estimate(tensors, Request(), configs)
+    cached = estimate(tensors, Request(adaln_cache=True), configs)
+    modulation = 60 * 2 * 6 * 3072**2
+    assert modulation == pytest.approx(6.8e9, rel=0.01)
+    assert base.weights["transformer"] - cached.weights["transformer"] == modulation * 2
+    te8 = estimate(tensors, Request(text_encoder_bits=8), configs)
+    lm = (152064 + 18944 * 84) * 3584
+    assert te8.weights["text_encoder"] == lm + lm // 64 * 4
+    lean = Request(
+        quant_bits=4, adaln_cache=True, text_encoder_bits=8, vae_tile=memory.LEAN_DECODE_TILE
+    )
+    est = estimate(tensors, lean, configs)
+    assert 7.2 * GiB < est.weights["transformer"] < 7.6 * GiB
+    assert est.peak < 10 * GiB, est.describe()
+
+
+def test_cache_limit():
+    assert memory.cache_limit(16 * GiB) == GiB and memory.cache_limit(512 * GiB) == 2 * GiB
+    assert memory.cache_limit(2 * GiB) == 256 * 2**20
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from helpers import convert_tiny
+    from tiny_pipeline import build_checkpoint
+
+    src = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")[0]
+    return convert_tiny(src, tmp_path_factory.mktemp("mlx") / "tiny")
+
+
+def test_info_and_dry_run_print_the_stages(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["info", str(tiny_model), "--quantize", "4", "--width", "512"])
+    assert res.exit_code == 0, res.output
+    assert "denoise" in res.output and "estimated peak memory at 512x1024" in res.output
+    out = tmp_path / "x.png"
+    args = ["generate", "--model", str(tiny_model), "-p", "a cube", "--dry-run", "-o", str(out)]
+    res = runner.invoke(app, [*args, "--quantize", "8", "--no-adaln-cache"])
+    assert res.exit_code == 0, res.output
+    assert "transformer 8-bit" in res.output and "text encoder 8-bit" in res.output
+    assert "expected peak" in res.output and "nothing loaded or written" in res.output
+    assert not out.exists()
+    res = runner.invoke(app, [*args, "--quantize", "3"])
+    assert res.exit_code == 2 and "4 or 8" in res.output
+    res = runner.invoke(app, [*args, "--quantize-text-encoder", "5"])
+    assert res.exit_code == 2 and "4, 8, none or auto" in res.output
+
+
+def test_generate_quantized_png(tiny_model, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    out = tmp_path / "q.png"
+    res = CliRunner().invoke(
+        app,
+        ["generate", "--model", str(tiny_model), "-p", "a cube", "--width", "32", "--height",
+         "32", "--steps", "2", "--seed", "1", "--quantize", "8", "--no-adaln-cache",
+         "-o", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    params = json.loads(Image.open(out).text["qwen_mlx"])
+    assert params["quantize"] == 8 and params["adaln_cache"] is False

@@ -32,6 +32,7 @@ from mlx_lm.models.qwen2 import MLP
 
 from qwen_mlx.config import ComponentConfig
 from qwen_mlx.loading import load_component, load_weights
+from qwen_mlx.quantize import group_size_of, quantize_model
 from qwen_mlx.tokenizer import QwenTokenizer
 
 # diffusers QwenImagePipeline (txt2img).
@@ -188,7 +189,9 @@ class Qwen25VLTextModel(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.embed_tokens.weight.dtype
+        """The dtype it computes in (the scales' dtype when the embedding is quantized)."""
+        emb = self.embed_tokens
+        return emb.scales.dtype if "scales" in emb else emb.weight.dtype
 
     def __call__(
         self,
@@ -274,6 +277,7 @@ class QwenTextEncoder:
         model = Qwen25VLTextModel(TextEncoderConfig.from_dict(config))
         n = len(LANGUAGE_MODEL_PREFIX)
         lm = {k[n:]: v for k, v in weights.items() if k.startswith(LANGUAGE_MODEL_PREFIX)}
+        quantize_model(model, lm, group_size_of(config))  # where .scales say so
         load_weights(model, lm, where, dtype)
         if not isinstance(tokenizer, QwenTokenizer):
             tokenizer = QwenTokenizer.from_folder(tokenizer)

@@ -7,6 +7,7 @@ computes in its weights' dtype, which the precision plan decides (see ``qwen_mlx
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from qwen_mlx.config import ComponentConfig
 from qwen_mlx.dtypes import is_float
+from qwen_mlx.errors import CheckpointError
 from qwen_mlx.loading import load_component, load_weights
 from qwen_mlx.precision import (
     PrecisionPlan,
@@ -28,9 +30,21 @@ from qwen_mlx.precision import (
     resolve_plan,
     run_linear,
 )
+from qwen_mlx.quantize import (
+    group_size_of,
+    is_quantized,
+    linear_shapes,
+    quantization_config,
+    quantize_model,
+    quantize_stream,
+    transformer_plan,
+)
 from qwen_mlx.variants import detect_variant
 
 F32 = mx.float32
+
+# The weights whose outputs depend on sigma only (the adaLN cache precomputes them).
+MODULATION_WEIGHTS = re.compile(r"^(time_embed|norm_out\.linear|blocks\.\d+\.(img|txt)_mod)\.")
 
 
 @dataclass
@@ -270,23 +284,28 @@ class TransformerBlock(nn.Module):
         self.txt_mlp = FeedForward(dim, 4 * dim)
         self.eps = cfg.eps
 
+    def modulation(self, temb_act: mx.array) -> tuple[mx.array, mx.array]:
+        """(img_mod, txt_mod) outputs, (B, 6*dim) each, in their linears' compute dtype."""
+        return run_linear(self.img_mod, temb_act), run_linear(self.txt_mod, temb_act)
+
     def __call__(
         self,
         img: mx.array,
         txt: mx.array,
-        temb_act: mx.array,
+        modulation: tuple[mx.array, mx.array],
         mask: mx.array | None,
         rope: tuple[mx.array, mx.array],
         zero_cond: tuple[mx.array, int] | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """``zero_cond``: (t = 0 embedding, noisy token count) under ``zero_cond_t``."""
+        """``modulation``: this block's (img_mod, txt_mod) outputs; ``zero_cond``: (img_mod's
+        output at t = 0, noisy token count) under ``zero_cond_t``."""
 
-        def mods(linear: nn.Linear, temb: mx.array) -> list[mx.array]:
-            return mx.split(run_linear(linear, temb).astype(F32)[:, None], 6, axis=-1)
+        def split6(m: mx.array) -> list[mx.array]:
+            return mx.split(m.astype(F32)[:, None], 6, axis=-1)
 
-        zero, split = (mods(self.img_mod, zero_cond[0]), zero_cond[1]) if zero_cond else (None, 0)
-        img_mod = ImageModulation(mods(self.img_mod, temb_act), zero, split)
-        txt_mod = mods(self.txt_mod, temb_act)
+        zero, split = (split6(zero_cond[0]), zero_cond[1]) if zero_cond else (None, 0)
+        img_mod = ImageModulation(split6(modulation[0]), zero, split)
+        txt_mod = split6(modulation[1])
         t_shift, t_scale, t_gate = txt_mod[:3]
         img_attn, txt_attn = self.attn(
             img_mod.modulate(layer_norm(img, self.eps), 0),
@@ -311,9 +330,28 @@ class OutputNorm(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
         self.eps = eps
 
-    def __call__(self, x: mx.array, temb_act: mx.array) -> mx.array:
-        scale, shift = mx.split(run_linear(self.linear, temb_act).astype(F32)[:, None], 2, axis=-1)
+    def modulation(self, temb_act: mx.array) -> mx.array:
+        return run_linear(self.linear, temb_act)
+
+    def __call__(self, x: mx.array, modulation: mx.array) -> mx.array:
+        scale, shift = mx.split(modulation.astype(F32)[:, None], 2, axis=-1)
         return modulate(layer_norm(x, self.eps), shift, scale)
+
+
+@dataclass
+class Modulation:
+    """Every sigma-only vector of one forward pass, in the dtype its linear computed in.
+
+    ``blocks[i]`` is block i's (img_mod, txt_mod) output, (B, 6*dim) each; ``out`` the output
+    norm's (B, 2*dim). B may be 1 for a batch that shares one sigma (e.g. true CFG).
+    """
+
+    blocks: list[tuple[mx.array, mx.array]]
+    out: mx.array
+    zero: list[mx.array] | None = None  # zero_cond_t: each block's img_mod output at t = 0
+
+    def arrays(self) -> list[mx.array]:
+        return [m for pair in self.blocks for m in pair] + [self.out] + list(self.zero or [])
 
 
 # ----------------------------------------------------------------------------- model
@@ -395,27 +433,92 @@ class QwenImageTransformer(nn.Module):
         weights: dict[str, mx.array],
         plan: PrecisionPlan | str | None = None,
         where: str = "transformer",
+        modulation: bool = True,
+        quantize: int | None = None,
     ) -> QwenImageTransformer:
         """Build from a converted config and name->array weights (already in MLX naming).
 
         The weights are as the config's stored plan left them; a different ``plan`` is applied
         after loading (see ``apply_plan``): unfolded weights are folded for it, folded ones are
-        refused unless ``plan`` has the very constants they were folded with.
+        refused unless ``plan`` has the very constants they were folded with. Quantized layers
+        (``<name>.scales`` present) load as ``nn.QuantizedLinear``. ``modulation=False`` leaves
+        out every sigma-only weight (see ``MODULATION_WEIGHTS``; the forward pass then needs
+        precomputed ``modulation``, e.g. from ``qwen_mlx.adaln``): they are never read.
+        ``quantize`` (4 or 8) quantizes float weights as they load, one block at a time, folded
+        and cast for ``plan`` first: exactly what ``convert --quantize`` would have stored.
         """
         model = cls(TransformerConfig.from_dict(config))
+        if not modulation:
+            weights = {k: v for k, v in weights.items() if not MODULATION_WEIGHTS.match(k)}
+            model.drop_modulation()
+        stored = PrecisionPlan.from_config(config, model.config.num_layers)
+        target = cls.target_plan(config, plan, where)
+        if quantize:
+            config, weights = cls.quantize_at_load(config, weights, stored, target, quantize)
+            stored = target  # the weights are now folded and cast for it
+        try:
+            quantize_model(model, weights, group_size_of(config))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from e
         load_weights(model, weights, where)
-        n = model.config.num_layers
-        model.plan = stored = PrecisionPlan.from_config(config, n)
+        model.plan = stored
+        try:
+            model.apply_plan(target)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        return model
+
+    @classmethod
+    def target_plan(
+        cls, config: dict, plan: PrecisionPlan | str | None = None, where: str = "transformer"
+    ) -> PrecisionPlan:
+        """The plan a model built from ``config`` runs under when asked for ``plan`` (a plan, a
+        name, or None for the stored one), without loading anything."""
+        n = TransformerConfig.from_dict(config).num_layers
+        stored = PrecisionPlan.from_config(config, n)
         if isinstance(plan, str):
             variant = stored.variant or detect_variant(
                 where if Path(where).exists() else None, config
             )
-            plan = resolve_plan(plan, n, variant, model.config.eps)
-        try:
-            model.apply_plan(plan or stored)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
-        return model
+            plan = resolve_plan(plan, n, variant, float(config.get("eps", 1e-6)))
+        return plan or stored
+
+    @classmethod
+    def quantize_at_load(
+        cls,
+        config: dict,
+        weights: dict[str, mx.array],
+        stored: PrecisionPlan,
+        target: PrecisionPlan,
+        bits: int,
+    ) -> tuple[dict, dict[str, mx.array]]:
+        """(config, weights) quantized at ``bits`` under the 4/8-bit plan, one block at a time.
+
+        A checkpoint already quantized is returned as is (``bits`` must match its own).
+        """
+        qplan = transformer_plan(bits)
+        if is_quantized(weights):
+            have = config.get("quantization", {}).get("bits")
+            if have != bits:
+                raise ValueError(f"the checkpoint is already quantized ({have} bits), not {bits}")
+            return config, weights
+        if not stored.same_folds(target) and stored.folded:
+            raise ValueError(
+                f"the weights are folded for the {stored.name!r} plan; they cannot be quantized "
+                f"for {target.name!r}"
+            )
+        fold = not stored.same_folds(target)
+        n = TransformerConfig.from_dict(config).num_layers
+        weights = quantize_stream(
+            dict(weights),
+            lambda path, shape: qplan.bits_for(path, shape, n),
+            qplan.group_size,
+            prepare=lambda name, w: planned_weight(name, w, target, fold),
+        )
+        skeleton = cls(TransformerConfig.from_dict(config))  # lazy init: lists the linears
+        config = dict(config)
+        config["quantization"] = quantization_config(qplan, linear_shapes(skeleton), n)
+        return config, weights
 
     def apply_plan(self, plan: PrecisionPlan) -> None:
         """Store every weight in the dtype the plan gives it and set the plan's constants.
@@ -440,13 +543,14 @@ class QwenImageTransformer(nn.Module):
         if refold and any(k.endswith(".scales") for k, _ in params):
             raise ValueError(
                 "quantized weights cannot be folded for another precision plan; quantize the "
-                f"checkpoint under {plan.name!r} instead"
+                f"checkpoint under {plan.name!r} instead (convert with --precision "
+                f"{plan.name} and --quantize together)"
             )
         changed = []
         for k, v in params:
-            new, folded = fold_weight(k, v, plan) if refold else (v, False)
-            if folded or new.dtype != plan_dtype(plan, k):
-                changed.append((k, new.astype(plan_dtype(plan, k))))
+            new = planned_weight(k, v, plan, refold)
+            if new is not v:
+                changed.append((k, new))
         if changed:
             self.update(tree_unflatten(changed))
         for block, layer in zip(self.blocks, plan.layers, strict=True):
@@ -461,6 +565,39 @@ class QwenImageTransformer(nn.Module):
         self.plan = plan
         self.compiled = CompiledBlocks(self.compiled.enabled)  # constants changed: retrace
 
+    # -- modulation (sigma-only)
+
+    @property
+    def has_modulation(self) -> bool:
+        return "linear" in self.norm_out
+
+    def drop_modulation(self) -> None:
+        """Remove every sigma-only layer: the model then runs from precomputed modulation."""
+        for block in self.blocks:
+            block.pop("img_mod", None)
+            block.pop("txt_mod", None)
+        self.norm_out.pop("linear", None)
+        self.pop("time_embed", None)
+
+    def modulation(self, timestep: mx.array) -> Modulation:
+        """Every block's and the output norm's modulation for sigmas ``timestep`` (B,)."""
+        if not self.has_modulation:
+            raise ValueError(
+                "this transformer was loaded without its modulation weights (adaLN cache): "
+                "pass the precomputed modulation"
+            )
+        timestep = mx.array(timestep, dtype=F32).reshape(-1)
+        temb_act = nn.silu(self.time_embed(timestep))
+        zero = None
+        if self.config.zero_cond_t:  # Edit-2511: reference-image tokens are modulated at t = 0
+            zero_act = nn.silu(self.time_embed(mx.zeros_like(timestep)))
+            zero = [run_linear(block.img_mod, zero_act) for block in self.blocks]
+        return Modulation(
+            [block.modulation(temb_act) for block in self.blocks],
+            self.norm_out.modulation(temb_act),
+            zero,
+        )
+
     # -- forward
 
     def __call__(
@@ -468,15 +605,17 @@ class QwenImageTransformer(nn.Module):
         hidden_states: mx.array,
         encoder_hidden_states: mx.array,
         encoder_hidden_states_mask: mx.array | None,
-        timestep: mx.array,
+        timestep: mx.array | None,
         img_shapes,
+        modulation: Modulation | None = None,
     ) -> mx.array:
         """Predict the flow velocity for packed latents.
 
         hidden_states (B, L, in_channels), encoder_hidden_states (B, T, joint_attention_dim),
         encoder_hidden_states_mask (B, T) of 0/1 or None, timestep (B,) sigma in [0, 1],
-        img_shapes a (frames, h, w) (or a list of them) per batch item. Returns (B, L, out)
-        float32 for all L image tokens.
+        img_shapes a (frames, h, w) (or a list of them) per batch item. ``modulation``
+        (precomputed, see ``modulation()``) replaces ``timestep``. Returns (B, L, out) float32
+        for all L image tokens.
         """
         cfg = self.config
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
@@ -499,7 +638,15 @@ class QwenImageTransformer(nn.Module):
             raise ValueError(
                 f"img_shapes {list(shapes)} describe a different token count than L={L}"
             )
-        timestep = mx.broadcast_to(mx.array(timestep, dtype=F32).reshape(-1), (B,))
+        if modulation is None:
+            if timestep is None:
+                raise ValueError("pass a timestep or a precomputed modulation")
+            timestep = mx.broadcast_to(mx.array(timestep, dtype=F32).reshape(-1), (B,))
+            modulation = self.modulation(timestep)
+        if len(modulation.blocks) != len(self.blocks):
+            raise ValueError(
+                f"modulation has {len(modulation.blocks)} blocks, model {len(self.blocks)}"
+            )
 
         mask = None
         if encoder_hidden_states_mask is not None:
@@ -518,13 +665,21 @@ class QwenImageTransformer(nn.Module):
         img = run_linear(self.img_in, hidden_states).astype(F32)
         txt_normed = self.txt_norm(encoder_hidden_states.astype(self.txt_norm.weight.dtype))
         txt = run_linear(self.txt_in, txt_normed).astype(F32)
-        temb_act = nn.silu(self.time_embed(timestep))
-        zero_cond = None
-        if cfg.zero_cond_t:  # Edit-2511: reference-image tokens are modulated at t = 0
-            f, h, w = shapes[0]
-            zero_cond = (nn.silu(self.time_embed(mx.zeros_like(timestep))), f * h * w)
+        if cfg.zero_cond_t and modulation.zero is None:
+            raise ValueError("a zero_cond_t transformer needs the t = 0 modulation (.zero)")
+        f, h, w = shapes[0]  # the noisy latents' tokens come first
+        for i, (block, mod) in enumerate(zip(self.blocks, modulation.blocks, strict=True)):
+            zero_cond = (modulation.zero[i], f * h * w) if cfg.zero_cond_t else None
+            img, txt = self.compiled(block)(img, txt, mod, mask, rope, zero_cond)
 
-        for block in self.blocks:
-            img, txt = self.compiled(block)(img, txt, temb_act, mask, rope, zero_cond)
+        return run_linear(self.proj_out, self.norm_out(img, modulation.out)).astype(F32)
 
-        return run_linear(self.proj_out, self.norm_out(img, temb_act)).astype(F32)
+
+def planned_weight(name: str, w: mx.array, plan: PrecisionPlan, fold: bool) -> mx.array:
+    """``w`` folded for ``plan`` (if ``fold``; in float32) and cast to the dtype ``plan`` gives
+    it; ``w`` itself when nothing changes. Non-float arrays (packed quantized weights) pass."""
+    if not mx.issubdtype(w.dtype, mx.floating):
+        return w
+    new, folded = fold_weight(name, w, plan) if fold else (w, False)
+    dtype = plan_dtype(plan, name)
+    return new.astype(dtype) if folded or new.dtype != dtype else w
