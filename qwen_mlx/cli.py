@@ -302,42 +302,54 @@ def check_memory(pipe, request, ignore_memory_limit: bool) -> None:
         typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
 
 
+# Options shared by `generate` and `edit` (each command keeps its own defaults).
+ModelOpt = Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")]
+NegativeOpt = Annotated[str, typer.Option(help="Negative prompt (true CFG)")]
+SeedOpt = Annotated[
+    list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
+]
+WidthOpt = Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")]
+HeightOpt = Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
+]
+LowMemoryOpt = Annotated[bool, typer.Option(help="Free the transformer before decoding")]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Replace existing PNGs (by default an existing file is an error)")
+]
+IgnoreMemoryOpt = Annotated[
+    bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
+]
+LoraOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
+]
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw")],
-    model: Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")] = (
-        "Qwen/Qwen-Image"
-    ),
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (true CFG)")] = " ",
+    model: ModelOpt = "Qwen/Qwen-Image",
+    negative_prompt: NegativeOpt = " ",
     steps: Annotated[int | None, typer.Option(help="Denoising steps [default: 50]")] = None,
     cfg: Annotated[
         float | None, typer.Option(help="True CFG scale (<= 1 disables CFG) [default: 4]")
     ] = None,
-    seed: Annotated[
-        list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
-    ] = None,
-    width: Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")] = None,
-    height: Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")] = None,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
     aspect: Annotated[
         str | None, typer.Option(help=f"Official preset: {', '.join(ASPECTS)}")
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
-    ] = None,
+    output: OutputOpt = None,
+    precision: PrecisionOpt = None,
     max_sequence_length: Annotated[int, typer.Option(help="Prompt token limit")] = 512,
-    low_memory: Annotated[bool, typer.Option(help="Free the transformer before decoding")] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace existing PNGs (by default an existing file is an error)")
-    ] = False,
-    ignore_memory_limit: Annotated[
-        bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
-    ] = False,
-    lora: Annotated[
-        list[str] | None,
-        typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
-    ] = None,
+    low_memory: LowMemoryOpt = False,
+    overwrite: OverwriteOpt = False,
+    ignore_memory_limit: IgnoreMemoryOpt = False,
+    lora: LoraOpt = None,
     lightning: Annotated[
         int | None,
         typer.Option(
@@ -522,35 +534,21 @@ def edit(
         list[Path], typer.Option("--image", "-i", help="Input image; repeat for several (2509+)")
     ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The edit instruction")],
-    model: Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")] = (
-        "Qwen/Qwen-Image-Edit-2511"
-    ),
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (true CFG)")] = " ",
+    model: ModelOpt = "Qwen/Qwen-Image-Edit-2511",
+    negative_prompt: NegativeOpt = " ",
     steps: Annotated[
         int | None, typer.Option(help="Denoising steps (default: Edit 50, 2509/2511 40)")
     ] = None,
     cfg: Annotated[float, typer.Option(help="True CFG scale (<= 1 disables CFG)")] = 4.0,
-    seed: Annotated[
-        list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
-    ] = None,
-    width: Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")] = None,
-    height: Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
-    ] = None,
-    low_memory: Annotated[bool, typer.Option(help="Free the transformer before decoding")] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace existing PNGs (by default an existing file is an error)")
-    ] = False,
-    ignore_memory_limit: Annotated[
-        bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
-    ] = False,
-    lora: Annotated[
-        list[str] | None,
-        typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
-    ] = None,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    output: OutputOpt = None,
+    precision: PrecisionOpt = None,
+    low_memory: LowMemoryOpt = False,
+    overwrite: OverwriteOpt = False,
+    ignore_memory_limit: IgnoreMemoryOpt = False,
+    lora: LoraOpt = None,
 ) -> None:
     """Edit images with Qwen-Image-Edit (2509/2511: several images); the output is about
     1024x1024 pixels at the (last) input image's aspect unless --width/--height say otherwise.

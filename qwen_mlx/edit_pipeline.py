@@ -42,7 +42,6 @@ from qwen_mlx.pipeline import (
     check_size,
     pack_latents,
     pad_embeddings,
-    to_pil,
 )
 
 EDIT_CLASSES = {"QwenImageEditPipeline": False, "QwenImageEditPlusPipeline": True}
@@ -310,12 +309,4 @@ class QwenImageEditPipeline(QwenImagePipeline):
             reference_latents=mx.repeat(refs, batch, axis=0) if batch > 1 else refs,
         )
         self.timings["denoise"] = time.perf_counter() - start
-        if output_type == "latent":
-            return latents
-        if low_memory:
-            self.free("transformer")
-
-        start = time.perf_counter()
-        images = np.array(self.decode(latents, height, width))
-        self.timings["decode"] = time.perf_counter() - start
-        return images if output_type == "np" else to_pil(images)
+        return self.finish(latents, height, width, output_type, low_memory)

@@ -689,11 +689,17 @@ class QwenImagePipeline:
         )
         self.timings["denoise"] = time.perf_counter() - start
         mx.clear_cache()
+        return self.finish(latents, height, width, output_type, low_memory)
+
+    def finish(
+        self, latents: mx.array, height: int, width: int, output_type: str, low_memory: bool
+    ):
+        """The end of every call: the latents as they are, or decoded (after freeing the
+        transformer with ``low_memory``) to a float array or PIL images."""
         if output_type == "latent":
             return latents
         if low_memory:
             self.free("transformer")
-
         start = time.perf_counter()
         images = np.array(self.decode(latents, height, width))
         self.timings["decode"] = time.perf_counter() - start
