@@ -37,11 +37,8 @@ SHAPES = [[(1, 3, 5)]] * 2
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("adaln")
     ref = build_transformer(
-        "diffusers",
+        "quantizable",
         std=0.1,
-        num_attention_heads=2,
-        attention_head_dim=32,
-        axes_dims_rope=(8, 12, 12),
         num_layers=3,
         joint_attention_dim=64,
     )

@@ -30,11 +30,8 @@ IMAGE_TOL = {8: 0.02, 4: 0.15}  # measured: 0.0064 and 0.051 (8-bit includes bf1
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf") / "qwen-image-q"
     transformer = build_transformer(
-        "diffusers",
+        "quantizable",
         std=0.1,
-        num_attention_heads=2,
-        attention_head_dim=32,
-        axes_dims_rope=(8, 12, 12),
         num_layers=3,
         joint_attention_dim=TEXT_HIDDEN,
     )
@@ -181,10 +178,7 @@ def test_adaln_cache_with_loras(ckpt, tmp_path):
     uncached model applies it; its identity is part of the cache key."""
     from tiny_lora import layout_tensors, random_factors, save
 
-    model = build_transformer(
-        "diffusers", num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
-        num_layers=3, joint_attention_dim=TEXT_HIDDEN,
-    )  # fmt: skip
+    model = build_transformer("quantizable", joint_attention_dim=TEXT_HIDDEN)
     modules = (
         "transformer_blocks.0.img_mod.1",
         "transformer_blocks.1.txt_mod.1",

@@ -62,11 +62,8 @@ def folder_bytes(root) -> int:
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     ref = build_transformer(
-        "diffusers",
+        "quantizable",
         std=0.1,
-        num_attention_heads=2,
-        attention_head_dim=32,
-        axes_dims_rope=(8, 12, 12),
         num_layers=LAYERS,
         joint_attention_dim=64,
     )

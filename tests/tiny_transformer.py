@@ -15,6 +15,10 @@ CONFIGS = {
     "deeper": dict(
         num_attention_heads=4, attention_head_dim=16, axes_dims_rope=(4, 6, 6), num_layers=3
     ),
+    # Width 64: a multiple of MLX's default quantization group size (quantization, adaLN tests).
+    "quantizable": dict(
+        num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12), num_layers=3
+    ),
 }
 
 
