@@ -123,6 +123,23 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") % 2**31
 
 
+class ZeroCondTable:
+    """An adaLN table whose last row is t = 0 (Edit-2511, ``zero_cond_t``): step i's modulation
+    with that row's image modulation as ``Modulation.zero`` (the reference tokens')."""
+
+    def __init__(self, table: Sequence[Modulation]):
+        self.table = table
+        self.zero = [img for img, _ in table[len(table) - 1].blocks]
+
+    def __len__(self) -> int:
+        return len(self.table) - 1
+
+    def __getitem__(self, step: int) -> Modulation:
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} out of range for {len(self)} steps")
+        return dataclasses.replace(self.table[step], zero=self.zero)
+
+
 class QwenImagePipeline:
     """Qwen-Image text-to-image. Build with :meth:`from_pretrained`."""
 
@@ -141,9 +158,7 @@ class QwenImagePipeline:
         self.compile = compile
         self.quantize = check_bits(quantize) if quantize else None
         self.text_encoder_bits = text_encoder_bits(quantize_text_encoder, self.quantize)
-        # Edit-2511 (zero_cond_t) also needs every block's modulation at t = 0, which the cache
-        # does not hold yet: such checkpoints compute modulation from the weights.
-        self.adaln_cache = adaln_cache and not source.config("transformer").get("zero_cond_t")
+        self.adaln_cache = adaln_cache
         self._adaln = AdaLNCache()
         mx.set_cache_limit(cache_limit())
         # A quantized (memory-lean) run decodes in tiles of 64 latent pixels (512x512 images:
@@ -387,6 +402,9 @@ class QwenImagePipeline:
         extra = {"converted": self.source.converted, "quantize": self.quantize}
         if not self.source.converted:
             extra["dtype"] = self.source.dtype
+        zero_cond = bool(config.get("zero_cond_t"))
+        if zero_cond:  # Edit-2511 also needs every block's image modulation at t = 0: one row more
+            timesteps = mx.concatenate([timesteps, mx.zeros((1,), dtype=timesteps.dtype)])
         key = cache_key(weights_identity(folder), plan, timesteps, self.lora_key(), extra)
 
         def build() -> list[Modulation]:
@@ -404,7 +422,7 @@ class QwenImagePipeline:
 
         table = self._adaln.get(key, build)
         mx.clear_cache()
-        return table
+        return ZeroCondTable(table) if zero_cond else table
 
     # -- stage 1: prompts
 

@@ -110,6 +110,15 @@ def test_edit_plus_two_images_matches_diffusers(plus_pair, tmp_path, shrunk, zer
     got, expected = _run_both(ref, ours, images)
     assert got.shape[1:3] == (160, 96)  # the last image's aspect at the test area
     assert np.abs(got - expected).max() < TOL
+    if zero_cond_t:
+        # The adaLN cache (on by default) holds the t = 0 row too: no modulation weights are
+        # loaded, and the image equals the one computed from the weights every step.
+        assert ours.adaln_cache and not ours.transformer.has_modulation
+        live = QwenImageEditPipeline.from_pretrained(ours.source.root, adaln_cache=False)
+        live.vae_image_area, live.condition_image_area = TEST_VAE_AREA, TEST_CONDITION_AREA
+        again, _ = _run_both(ref, live, images)
+        assert live.transformer.has_modulation
+        assert np.abs(again - got).max() < 1e-6  # float32: the same vectors, the same image
 
 
 def test_reference_latents_and_sizes(plus_pair, shrunk):
