@@ -221,28 +221,24 @@ def parameter_counts(folder: Path) -> tuple[int, int, dict[str, int]]:
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     bits = int((config.get("quantization") or {}).get("bits", 0) or 0)
     group_size = int((config.get("quantization") or {}).get("group_size", 64) or 64)
-    header: dict = {}
-    for shard in list_shards(folder):
-        header.update(safetensors_header(shard))
+    header = folder_tensors(folder)
     params = size = 0
     dtypes: dict[str, int] = {}
     for key, info in header.items():
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        size += count * DTYPE_BYTES.get(info["dtype"], 4)
+        count = info.size
+        size += info.nbytes
         stem = key.rsplit(".", 1)[0]
         quantized = bits and f"{stem}.scales" in header
         if quantized and key.endswith((".scales", ".biases")):
             continue
-        if quantized and info["dtype"] == "U32":
+        if quantized and info.dtype == "U32":
             # each layer's own bits (a plan may mix 4 and 8): packed columns x 32 / inputs
-            inputs = header[f"{stem}.scales"]["shape"][-1] * group_size
-            layer_bits = info["shape"][-1] * 32 // inputs if inputs else bits
+            inputs = header[f"{stem}.scales"].shape[-1] * group_size
+            layer_bits = info.shape[-1] * 32 // inputs if inputs else bits
             count = count * 32 // layer_bits
             kind = f"Q{layer_bits}"
         else:
-            kind = info["dtype"]
+            kind = info.dtype
         params += count
         dtypes[kind] = dtypes.get(kind, 0) + count
     return params, size, dtypes

@@ -537,11 +537,13 @@ class QwenImagePipeline:
         model = self.transformer
         rows = batch if negative is None else 2 * batch
         shapes = [list(img_shapes)] * rows
+        if reference_latents is not None:
+            reference_latents = reference_latents.astype(latents.dtype)  # once, not per step
         n = len(timesteps)
         for i in range(n):
             x = latents
             if reference_latents is not None:
-                x = mx.concatenate([x, reference_latents.astype(x.dtype)], axis=1)
+                x = mx.concatenate([x, reference_latents], axis=1)
             if negative is not None:
                 x = mx.concatenate([x, x])
             mod = table[i] if table is not None else model.modulation(t_in[i : i + 1])
@@ -551,8 +553,9 @@ class QwenImagePipeline:
             latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
             if step_hook is not None:
                 latents = step_hook(i, latents)
-            mx.eval(latents)
-            if not bool(mx.isfinite(latents).all()):
+            finite = mx.isfinite(latents).all()
+            mx.eval(latents, finite)  # one sync per step for both
+            if not finite.item():
                 raise NonFiniteError(self._non_finite_message(i + 1, n))
             if callback is not None:
                 callback(i + 1, n, latents)
