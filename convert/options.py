@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from qwen_mlx.dtypes import dtype_of
+from qwen_mlx.errors import RequestError
 
 FORMAT_VERSION = 1
 
@@ -25,9 +26,9 @@ class ConvertOptions:
         for name in ("quantize", "quantize_text_encoder"):
             bits = getattr(self, name)
             if bits is not None and bits not in (4, 8):
-                raise ValueError(f"{name} must be 4 or 8 bits, got {bits}")
+                raise RequestError(f"{name} must be 4 or 8 bits, got {bits}")
         if self.group_size not in (32, 64, 128):
-            raise ValueError(f"group size must be 32, 64 or 128, got {self.group_size}")
+            raise RequestError(f"group size must be 32, 64 or 128, got {self.group_size}")
 
     @property
     def mx_dtype(self) -> mx.Dtype:

@@ -44,7 +44,6 @@ from qwen_mlx.precision import PrecisionPlan, run_linear
 from qwen_mlx.quantize import (
     GROUP_SIZE,
     QuantizationPlan,
-    group_size_of,
     linear_from_weights,
     quantize_weights,
 )
@@ -177,31 +176,6 @@ def compute_modulation(
     outs = [run_linear(norm, t) for t in temb_act]
     mx.eval(outs)
     return [Modulation(b, o) for b, o in zip(blocks, outs, strict=True)]
-
-
-def transformer_table(
-    folder: str | Path,
-    plan: PrecisionPlan,
-    timesteps: Sequence[float] | mx.array,
-    lora: str = "",
-    cache: AdaLNCache | None = None,
-    extra: dict | None = None,
-) -> AdaLNTable:
-    """The modulation table of a converted ``transformer/`` folder run under ``plan`` (the
-    loaded model's ``plan``) for ``timesteps``, from the cache or computed (streamed) now."""
-    from qwen_mlx.io import load_folder, read_json
-
-    folder = Path(folder)
-    config = read_json(folder / "config.json")
-    cfg = TransformerConfig.from_dict(config)
-    key = cache_key(weights_identity(folder), plan, timesteps, lora, extra)
-
-    def build() -> list[Modulation]:
-        stored = PrecisionPlan.from_config(config, cfg.num_layers)
-        weights = {k: v for k, v in load_folder(folder).items() if MODULATION_WEIGHTS.match(k)}
-        return compute_modulation(cfg, weights, stored, plan, timesteps, group_size_of(config))
-
-    return (cache or AdaLNCache()).get(key, build)
 
 
 def with_loras(path: str, linear: nn.Module, loras: Sequence[tuple], plan: PrecisionPlan):

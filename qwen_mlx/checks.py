@@ -1,5 +1,5 @@
-"""Up-front checks of a generation request: each failure is a one-line ValueError naming the
-value and the limit, raised before anything is loaded or computed."""
+"""Up-front checks of a generation request: each failure is a one-line ``RequestError`` (a
+``ValueError``) naming the value and the limit, raised before anything is loaded or computed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numbers
 
 import numpy as np
 
-MAX_SIDE = 8192  # pixels; the released model was trained up to 1664 (see the README)
+from qwen_mlx.errors import RequestError
+
+MAX_SIDE = 8192  # pixels; the released model was trained up to 1664 (docs/cli.md)
 MAX_STEPS = 1000  # the scheduler's num_train_timesteps: more steps repeat timesteps
 SEED_MAX = 2**64 - 1  # MLX's random keys take unsigned 64-bit seeds
 MAX_IMAGES = 64  # images per call
@@ -20,27 +22,33 @@ def is_int(v) -> bool:
 
 def check_int(name: str, v, lo: int, hi: int | None = None) -> int:
     if not is_int(v):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
+        raise RequestError(f"{name} must be an integer, got {v!r}")
     if v < lo:
-        raise ValueError(f"{name} must be at least {lo}, got {v}")
+        raise RequestError(f"{name} must be at least {lo}, got {v}")
     if hi is not None and v > hi:
-        raise ValueError(f"{name} must be at most {hi}, got {v}")
+        raise RequestError(f"{name} must be at most {hi}, got {v}")
     return int(v)
 
 
 def check_size(height, width, multiple: int = 16, max_side: int = MAX_SIDE) -> None:
     """Integer multiples of ``multiple`` (8x VAE, 2x2 patches) in [multiple, max_side]; a size
     that is not a multiple says what it would round to."""
-    for name, v in (("height", height), ("width", width)):
-        if not is_int(v):
-            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
-        if v < multiple:
-            raise ValueError(f"{name} {v} is too small; the minimum is {multiple}")
-        if v > max_side:
-            raise ValueError(f"{name} {v} is too large; the largest supported is {max_side}")
-        if v % multiple:
-            lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
-            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {lo} or {hi}")
+    check_side("height", height, multiple, max_side)
+    check_side("width", width, multiple, max_side)
+
+
+def check_side(name: str, v, multiple: int = 16, max_side: int = MAX_SIDE) -> int:
+    """One side of ``check_size``."""
+    if not is_int(v):
+        raise RequestError(f"{name} must be an integer number of pixels, got {v!r}")
+    if v < multiple:
+        raise RequestError(f"{name} {v} is too small; the minimum is {multiple}")
+    if v > max_side:
+        raise RequestError(f"{name} {v} is too large; the largest supported is {max_side}")
+    if v % multiple:
+        lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
+        raise RequestError(f"{name} {v} is not a multiple of {multiple}; use {lo} or {hi}")
+    return int(v)
 
 
 def check_steps(steps, max_steps: int = MAX_STEPS, name: str = "num_inference_steps") -> int:
@@ -50,7 +58,7 @@ def check_steps(steps, max_steps: int = MAX_STEPS, name: str = "num_inference_st
 
 def check_cfg(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"the CFG scale must be a finite number, got {scale!r}")
+        raise RequestError(f"the CFG scale must be a finite number, got {scale!r}")
     return float(scale)
 
 
@@ -59,9 +67,11 @@ def check_seeds(seeds: list, batch: int = 1) -> list[int]:
     out = []
     for s in seeds:
         if not is_int(s):
-            raise ValueError(f"a seed must be an integer, got {s!r}")
+            raise RequestError(f"a seed must be an integer, got {s!r}")
         if not 0 <= s <= SEED_MAX - (batch - 1):
-            raise ValueError(f"seed {s} is out of range; seeds go from 0 to {SEED_MAX - batch + 1}")
+            raise RequestError(
+                f"seed {s} is out of range; seeds go from 0 to {SEED_MAX - batch + 1}"
+            )
         out.append(int(s))
     return out
 
@@ -70,10 +80,12 @@ def check_prompts(prompt, name: str = "prompt") -> list[str]:
     """A string or a non-empty list of strings."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+        raise RequestError(
+            f"{name} must be a string or a non-empty list of strings, got {prompt!r}"
+        )
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
-        raise ValueError(f"{name} must hold strings, got {bad[0]!r}")
+        raise RequestError(f"{name} must hold strings, got {bad[0]!r}")
     return list(prompts)
 
 
@@ -82,11 +94,11 @@ def check_sigmas(sigmas, steps: int) -> np.ndarray:
     try:
         s = np.asarray(sigmas, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"sigmas must be a list of numbers: {e}") from None
+        raise RequestError(f"sigmas must be a list of numbers: {e}") from None
     if s.ndim != 1 or len(s) != steps:
-        raise ValueError(f"sigmas must hold one value per step ({steps}), got shape {s.shape}")
+        raise RequestError(f"sigmas must hold one value per step ({steps}), got shape {s.shape}")
     if not np.isfinite(s).all() or (s <= 0).any() or (s > 1).any():
-        raise ValueError(f"sigmas must lie in (0, 1], got {s.tolist()}")
+        raise RequestError(f"sigmas must lie in (0, 1], got {s.tolist()}")
     if (np.diff(s) > 0).any():
-        raise ValueError(f"sigmas must not increase, got {s.tolist()}")
+        raise RequestError(f"sigmas must not increase, got {s.tolist()}")
     return s

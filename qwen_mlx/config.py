@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import TypeVar
 
+from qwen_mlx.errors import CheckpointError
+
 C = TypeVar("C", bound="ComponentConfig")
 
 
@@ -26,7 +28,7 @@ class ComponentConfig:
     @classmethod
     def from_dict(cls: type[C], d: dict) -> C:
         if not isinstance(d, dict):
-            raise ValueError(
+            raise CheckpointError(
                 f"{cls.__name__}: config must be a JSON object, got {type(d).__name__}"
             )
         d = cls.normalize(dict(d))
@@ -44,5 +46,7 @@ class ComponentConfig:
             kwargs[f.name] = value
         try:
             return cls(**kwargs)
-        except TypeError as e:  # e.g. a value of the wrong kind
-            raise ValueError(f"{cls.__name__}: {e}") from e
+        except (TypeError, ValueError) as e:  # a value of the wrong kind or out of range
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{cls.__name__}: {e}") from e

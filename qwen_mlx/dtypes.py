@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from qwen_mlx.errors import RequestError
+
 DTYPES: dict[str, mx.Dtype] = {
     "float32": mx.float32,
     "bfloat16": mx.bfloat16,
@@ -17,7 +19,7 @@ def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
     if isinstance(name, mx.Dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise RequestError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

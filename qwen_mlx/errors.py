@@ -21,3 +21,11 @@ class ModelNotFoundError(QwenMLXError, FileNotFoundError):
 
 class NonFiniteError(QwenMLXError, RuntimeError):
     """Latents or an image became NaN/inf (instead of writing a black image)."""
+
+
+class RequestError(QwenMLXError, ValueError):
+    """A generation parameter is out of range or inconsistent (named in the message)."""
+
+
+class Cancelled(QwenMLXError):
+    """The run was cancelled (a ``CancelToken``, Ctrl-C, a server interrupt): nothing written."""

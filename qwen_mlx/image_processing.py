@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qwen_mlx.errors import RequestError
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 MIN_PIXELS = 56 * 56
@@ -41,7 +43,7 @@ def smart_resize(
 ) -> tuple[int, int]:
     """(height, width) rounded to multiples of ``factor`` with the area in [min, max] pixels."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(
+        raise RequestError(
             f"image aspect ratio {max(height, width) / min(height, width):.0f} is above 200"
         )
     h_bar = round(height / factor) * factor

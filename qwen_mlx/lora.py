@@ -39,13 +39,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.naming import TRANSFORMER_RULES, rename
 from qwen_mlx.precision import PrecisionPlan, fold_weight
 
 F32 = mx.float32
 
 
-class LoraError(ValueError):
+class LoraError(QwenMLXError, ValueError):
     """A LoRA file that cannot be applied to this model (the message says why)."""
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.errors import QwenMLXError, RequestError
 from qwen_mlx.io import DTYPE_BYTES, TensorInfo, folder_tensors
 
 GiB = 2**30
@@ -129,7 +129,7 @@ def gib(n: int) -> str:
 def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([kmgt]?)(i?b?)\s*", text.lower())
     if not m:
-        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 24GiB, 16G, 8e9)")
+        raise RequestError(f"cannot read a memory size from {text!r} (e.g. 24GiB, 16G, 8e9)")
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
 
 

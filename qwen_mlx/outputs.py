@@ -18,8 +18,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from qwen_mlx.errors import QwenMLXError
 
-class OutputError(ValueError):
+
+class OutputError(QwenMLXError, ValueError):
     """The output location cannot be used (named in the message)."""
 
 

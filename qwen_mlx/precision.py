@@ -35,6 +35,7 @@ import mlx.core as mx
 
 from qwen_mlx.device import auto_precision
 from qwen_mlx.dtypes import DTYPES, dtype_of
+from qwen_mlx.errors import RequestError
 from qwen_mlx.variants import DEFAULT_VARIANT, VARIANTS, normalize_variant
 
 # The weight groups of a block a plan can place in different dtypes.
@@ -42,7 +43,7 @@ BLOCK_GROUPS = ("mod", "qkv", "v", "attn_out", "ffn_up", "ffn_down")
 
 # Plan names make_plan understands (besides the dtype names and "auto").
 PLAN_NAMES = ("fp32", "bf16", "fp16", "mixed")
-# The groups whose outputs overflow float16 on the released models (README, "Precision plans").
+# The groups whose outputs overflow float16 on the released models (docs/precision.md).
 OVERFLOW_GROUPS = ("v", "attn_out", "ffn_down")
 
 
@@ -252,7 +253,7 @@ def make_plan(
         dtype = "float32" if name == "fp32" else "bfloat16"
         return replace(PrecisionPlan.uniform(dtype, num_layers, eps), name=name, variant=variant)
     if name not in PLAN_NAMES:
-        raise ValueError(
+        raise RequestError(
             f"unknown precision {name!r}; choose one of {', '.join(PLAN_NAMES)}, auto, "
             f"or a dtype ({', '.join(DTYPES)})"
         )
@@ -362,7 +363,7 @@ def fold_weight(name: str, w: mx.array, plan: PrecisionPlan) -> tuple[mx.array, 
     """(``w`` with the plan's constants folded in, computed in float32; whether it changed).
 
     For a block with q/k/v input scale s, attention-output scale p, FFN output scale f and
-    FFN input scale a (README, "Precision plans"):
+    FFN input scale a (docs/precision.md):
 
     * modulation: mod1 shift and scale chunks x 1/s (scale bias -> (bias + 1)/s - 1, so that
       1 + scale becomes (1 + scale)/s), mod1 gate x s*p, mod2 gate x f;
@@ -454,5 +455,7 @@ def component_dtype(precision: str, component: str) -> str | None:
         precision = auto_precision()[0]
     name = _PLAN_OF_DTYPE.get(precision, precision)
     if name not in COMPONENT_DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PLAN_NAMES)}")
+        raise RequestError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PLAN_NAMES)}"
+        )
     return COMPONENT_DTYPES[name].get(component)

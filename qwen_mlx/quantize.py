@@ -30,6 +30,8 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_mlx.errors import RequestError
+
 GROUP_SIZE = 64
 BITS = (4, 8)
 MODE = "affine"
@@ -55,7 +57,7 @@ class QuantizationPlan:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if self.group_size not in (32, 64, 128):
-            raise ValueError(f"group size must be 32, 64 or 128, got {self.group_size}")
+            raise RequestError(f"group size must be 32, 64 or 128, got {self.group_size}")
 
     def bits_for(self, path: str, shape: tuple[int, ...], num_layers: int = 0) -> int | None:
         """Bits for the layer at ``path`` whose weight has ``shape``; None keeps it in float."""
@@ -91,7 +93,7 @@ def _regex(pattern: str) -> re.Pattern:
 
 def check_bits(bits: int) -> int:
     if bits not in BITS:
-        raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+        raise RequestError(f"quantization bits must be 4 or 8, got {bits}")
     return bits
 
 
@@ -141,7 +143,7 @@ def text_encoder_bits(choice: str | int | None, transformer_bits: int | None) ->
     try:
         return check_bits(int(choice))
     except (TypeError, ValueError):
-        raise ValueError(
+        raise RequestError(
             f"text encoder quantization must be 4, 8, none or auto, got {choice!r}"
         ) from None
 
@@ -292,12 +294,6 @@ def quantize_model(model: nn.Module, weights: dict[str, mx.array], group_size: i
     if missing:
         raise ValueError(f"quantized weights for layers the model does not have: {missing[:5]}")
     return model
-
-
-def model_is_quantized(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
-    )
 
 
 def linear_from_weights(weights: dict[str, mx.array], group_size: int = GROUP_SIZE) -> nn.Module:

@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+from qwen_mlx.errors import RequestError
+
 # Every release with its own row in precision.SCALES.
 VARIANTS = (
     "qwen-image",
@@ -40,7 +42,7 @@ def normalize_variant(name: str) -> str:
         return "qwen-image-edit"
     if key in ("qwen-image", "qwenimage", "base", "t2i"):
         return "qwen-image"
-    raise ValueError(f"unknown model variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    raise RequestError(f"unknown model variant {name!r}; choose one of {', '.join(VARIANTS)}")
 
 
 def _variant_from_name(text: str) -> str | None:

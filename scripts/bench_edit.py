@@ -136,7 +136,7 @@ def bench_call(args) -> None:
     from PIL import Image
     from tiny_edit import build_edit_checkpoint
 
-    from qwen_mlx.edit_pipeline import QwenImageEditPipeline
+    from qwen_mlx.pipelines.edit import QwenImageEditPipeline
 
     tiny_edit.TEST_VAE_AREA = args.area**2
     tiny_edit.TEST_CONDITION_AREA = (args.area * 3 // 8) ** 2  # 384/1024 of the side, as released
@@ -178,7 +178,7 @@ def bench_call(args) -> None:
     ref_mem = rss_mib()
 
     def run_ours():
-        pipe._edit_prompts.clear()  # time the whole call: no cached prompt or references
+        pipe._prompts.clear()  # time the whole call: no cached prompt or references
         pipe._references = None
         return pipe(image_arg, latents=noise.numpy(), output_type="np", **kw)
 

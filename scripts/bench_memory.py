@@ -462,7 +462,7 @@ def pipeline_errors() -> dict[str, str]:
     import numpy as np
     import test_pipeline_quant as t
 
-    from qwen_mlx.pipeline import QwenImagePipeline
+    from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
     class Factory:
         def mktemp(self, name):

@@ -53,7 +53,7 @@ def main() -> None:
     from helpers import convert_tiny
     from tiny_pipeline import build_checkpoint
 
-    from qwen_mlx.pipeline import QwenImagePipeline
+    from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
     tmp = Path(tempfile.mkdtemp())
     src, ref = build_checkpoint(tmp / "hf")

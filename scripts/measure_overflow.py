@@ -140,7 +140,7 @@ def main() -> None:
         return
     if args.model is None:
         ap.error("give --model or --random-vae")
-    from qwen_mlx.pipeline import QwenImagePipeline
+    from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(args.model, dtype="float32")
     print(f"checkpoint {args.model}")

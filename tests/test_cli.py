@@ -84,7 +84,7 @@ def test_info(model):
             ["--width", "1000", "--height", "64"],
             "width 1000 is not a multiple of 16; use 992 or 1008",
         ),
-        (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "0"], "steps must be at least 1"),
         (["--aspect", "5:4"], "unknown aspect '5:4'"),
         (["--aspect", "1:1", "--width", "64"], "either --aspect or --width"),
         (["--output", "x.jpg"], "must end in .png"),
@@ -154,7 +154,7 @@ def test_generate_precision_override(model, tmp_path):
 def test_pipeline_precision_sets_component_dtypes(model):
     import mlx.core as mx
 
-    from qwen_mlx.pipeline import QwenImagePipeline
+    from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(model, precision="fp16")
     assert pipe.vae.dtype == mx.float32

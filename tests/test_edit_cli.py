@@ -13,7 +13,7 @@ from tiny_edit import TEST_CONDITION_AREA, TEST_VAE_AREA, build_edit_checkpoint
 from typer.testing import CliRunner
 
 from qwen_mlx.cli import app
-from qwen_mlx.edit_pipeline import QwenImageEditPipeline
+from qwen_mlx.pipelines.edit import QwenImageEditPipeline
 
 runner = CliRunner()
 
@@ -111,7 +111,7 @@ def test_edit_defaults_and_seeds(models, inputs, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "case,message",
     [
-        ("two_images_on_edit", "takes one --image"),
+        ("two_images_on_edit", "takes one image"),
         ("missing", "cannot read image"),
         ("not_an_image", "cannot read image"),
         ("overwrite_input", "would overwrite an input image"),

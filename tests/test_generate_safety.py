@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from qwen_mlx import memory
 from qwen_mlx.cli import app
 from qwen_mlx.io import list_shards
-from qwen_mlx.pipeline import QwenImagePipeline
+from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -256,7 +256,7 @@ def test_python_api_rejects_bad_arguments_before_loading(model, kwargs, message)
     with pytest.raises(ValueError) as e:
         pipe(**args)
     assert message in str(e.value)
-    assert pipe._components == {}  # nothing loaded
+    assert pipe.components.loaded() == []  # nothing loaded
 
 
 @pytest.mark.parametrize("converted", [True, False])
@@ -362,7 +362,7 @@ def test_info_hub_id_reads_headers_only(source, tmp_path, monkeypatch):
 
 
 UNEXPECTED = """
-from qwen_mlx.pipeline import QwenImagePipeline
+from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 def boom(*a, **k):
     raise RuntimeError("something nobody expected")
 QwenImagePipeline.from_pretrained = boom

@@ -15,7 +15,7 @@ from helpers import convert_tiny
 from PIL import Image
 from tiny_pipeline import build_checkpoint
 
-from qwen_mlx.pipeline import QwenImagePipeline
+from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
 # float32 end to end, image in [0, 1]: as the text-to-image parity test (half a uint8 level).
 IMAGE_TOL = 2e-3

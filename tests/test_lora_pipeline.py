@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from qwen_mlx.cli import app
 from qwen_mlx.lora import LoraError
-from qwen_mlx.pipeline import QwenImagePipeline
-from qwen_mlx.sampler import LIGHTNING_SCHEDULER
+from qwen_mlx.pipelines.sampler import LIGHTNING_SCHEDULER
+from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
 # float32 end to end, image in [0, 1]: half a uint8 level, as the other pipeline parity tests.
 IMAGE_TOL = 2e-3
@@ -106,7 +106,7 @@ def test_load_lora_checks_before_loading_the_transformer(tiny, tmp_path):
     }
     with pytest.raises(LoraError, match="transformer_blocks.5.attn.to_q"):
         pipe.load_lora(save(tmp_path / "bad.safetensors", bad))
-    assert pipe.loras == [] and "transformer" not in pipe._components
+    assert pipe.loras == [] and "transformer" not in pipe.components.loaded()
     with pytest.raises(ValueError, match="finite"):
         pipe.load_lora(tmp_path / "bad.safetensors", float("nan"))
 

@@ -37,7 +37,7 @@ def test_converter_is_one_module():
 def test_runtime_does_not_import_the_converter():
     """Loading a converted checkpoint needs no converter: the import runs one way."""
     code = (
-        "import sys; import qwen_mlx.pipeline, qwen_mlx.cli, qwen_mlx.models.transformer, "
+        "import sys; import qwen_mlx.pipelines.txt2img, qwen_mlx.cli, qwen_mlx.models.transformer, "
         "qwen_mlx.models.vae, qwen_mlx.models.text_encoder; "
         "print(any(m.startswith('qwen_mlx.convert') for m in sys.modules))"
     )

@@ -9,7 +9,12 @@ import torch
 from helpers import convert_tiny
 from tiny_pipeline import build_checkpoint
 
-from qwen_mlx.pipeline import NonFiniteError, QwenImagePipeline, pack_latents, unpack_latents
+from qwen_mlx.pipelines.txt2img import (
+    NonFiniteError,
+    QwenImagePipeline,
+    pack_latents,
+    unpack_latents,
+)
 
 # float32 end to end; the image is in [0, 1]. Errors from summation order in 3 models and up to
 # 6 Euler steps stay ~1e-5; 2e-3 (half a uint8 level) is the bar for "the same image".
@@ -64,7 +69,7 @@ def test_batched_cfg_equals_separate_calls(pipe):
     cond, cmask = pipe.encode_prompt(["a long prompt about a red cube on a wooden table"])
     neg, nmask = pipe.encode_prompt([" "])
     assert cond.shape[1] != neg.shape[1] and cmask is None and nmask is None
-    from qwen_mlx.pipeline import pad_embeddings
+    from qwen_mlx.pipelines.txt2img import pad_embeddings
 
     embeds, mask = pad_embeddings([cond, neg], [cmask, nmask])
     x = mx.random.normal((1, 24, 16), key=mx.random.key(0))

@@ -16,7 +16,7 @@ from tiny_tokenizer import build_tokenizer
 from tiny_transformer import build_transformer
 
 from qwen_mlx import adaln
-from qwen_mlx.pipeline import QwenImagePipeline
+from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 from qwen_mlx.quantize import quantize_stream, transformer_plan
 
 RUN = dict(negative_prompt=" ", true_cfg_scale=4.0, height=32, width=48, num_inference_steps=3)

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift as ref_shift
 from helpers import RELEASED_SCHEDULER
 
-from qwen_mlx.sampler import (
+from qwen_mlx.pipelines.sampler import (
     LIGHTNING_SCHEDULER,
     SchedulerConfig,
     calculate_shift,

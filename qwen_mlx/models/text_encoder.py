@@ -11,7 +11,7 @@ chat template, the last layer's hidden states (after the final norm), valid toke
 first 34 (the template's system prefix) dropped, right-padded with zeros to the batch's longest
 prompt, clipped to ``max_sequence_length``, and a mask that is None when every token is valid.
 
-Reused from mlx-lm: ``BaseModelArgs`` (config from a dict), ``qwen2.MLP`` (the SwiGLU MLP, same
+Reused from mlx-lm: ``qwen2.MLP`` (the SwiGLU MLP, same
 weight names), ``base.create_causal_mask`` and ``base.scaled_dot_product_attention``
 (``mx.fast.scaled_dot_product_attention``: native GQA, softmax in float32). mlx-lm's own
 ``qwen2_vl`` model is text-only with 1D RoPE, so attention and the decoder layer are ours.

@@ -11,11 +11,13 @@ One class for the three releases; the checkpoint says which it is:
 - a transformer config with ``zero_cond_t: true`` = Edit-2511: reference-image tokens are
   modulated at t = 0 (the transformer handles it).
 
-It reuses the text-to-image pipeline's stages: ``prepare_latents`` (the target's noise),
-``schedule`` (``mu`` from the noisy tokens only), ``denoise`` (the reference latents -- VAE
-posterior means, normalised and packed -- appended after the noisy tokens at frames 1..n, the
-prediction sliced back) and ``decode``. What Edit adds is ``encode_prompt`` with images and
-``encode_references``.
+It is the text-to-image pipeline with hooks, nothing copied: the same ``Components`` (its text
+encoder built with the vision tower, so the memory plan, text-encoder quantization and shape
+checks hold by construction), the same prompt cache (keyed by the condition images too), and
+the same stages: ``prepare_latents`` (the target's noise), ``schedule`` (``mu`` from the noisy
+tokens only), ``denoise_steps`` (the reference latents -- VAE posterior means, normalised and
+packed -- appended after the noisy tokens at frames 1..n, the prediction sliced back) and
+``decode``. What Edit adds is ``encode_prompt`` with images and ``encode_references``.
 
 Input images are converted to RGB first (transparency composited onto white); diffusers expects
 RGB images and fails on others.
@@ -23,26 +25,20 @@ RGB images and fails on others.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from qwen_mlx.errors import CheckpointError
+from qwen_mlx import checks
+from qwen_mlx.errors import CheckpointError, RequestError
 from qwen_mlx.image_processing import to_rgb
-from qwen_mlx.pipeline import (
-    PATCH,
-    Embeds,
-    QwenImagePipeline,
-    check_size,
-    pack_latents,
-    pad_embeddings,
-)
+from qwen_mlx.pipelines.denoise import CancelToken, Embeds, StepEvent, run
+from qwen_mlx.pipelines.txt2img import PATCH, QwenImagePipeline, _image_key, check_size
+from qwen_mlx.request import GenerationRequest
 
 EDIT_CLASSES = {"QwenImageEditPipeline": False, "QwenImageEditPlusPipeline": True}
 VAE_IMAGE_AREA = 1024 * 1024
@@ -60,7 +56,7 @@ def edit_dimensions(area: int, width: int, height: int) -> tuple[int, int]:
     h = w / ratio
     w, h = round(w / 32) * 32, round(h / 32) * 32
     if w < 32 or h < 32:
-        raise ValueError(
+        raise RequestError(
             f"an image of {width}x{height} is too elongated: at {area} pixels of area it would "
             f"be {w}x{h}"
         )
@@ -77,18 +73,10 @@ def _as_images(image) -> list[Image.Image]:
     if not isinstance(images, (list, tuple)) or not all(
         isinstance(im, Image.Image) for im in images
     ):
-        raise ValueError("image must be a PIL image or a list of PIL images")
+        raise RequestError("image must be a PIL image or a list of PIL images")
     if not images:
-        raise ValueError("Edit needs an input image")
+        raise RequestError("Edit needs an input image")
     return list(images)
-
-
-def _image_key(images: Sequence[Image.Image]) -> str:
-    digest = hashlib.sha1()
-    for image in images:
-        digest.update(f"{image.mode}{image.size}".encode())
-        digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 class QwenImageEditPipeline(QwenImagePipeline):
@@ -97,26 +85,42 @@ class QwenImageEditPipeline(QwenImagePipeline):
     # Target areas (pixels); tests shrink them to keep tiny models fast.
     vae_image_area: int = VAE_IMAGE_AREA
     condition_image_area: int = CONDITION_IMAGE_AREA
+    required_components = (*QwenImagePipeline.required_components, "processor")
+    default_strength = None
 
     def __init__(self, source, *args, **kwargs):
+        self.check_source(source)
+        self.plus = EDIT_CLASSES[source.index.get("_class_name")]
+        super().__init__(source, *args, **kwargs)
+        self._references: tuple[str, mx.array, list] | None = None  # the last images' latents
+
+    @classmethod
+    def check_source(cls, source) -> None:
         cls_name = source.index.get("_class_name")
         if cls_name not in EDIT_CLASSES:
             raise CheckpointError(
                 f"{source.name} is a {cls_name or 'checkpoint without _class_name'}, not a "
                 f"Qwen-Image-Edit checkpoint ({' or '.join(EDIT_CLASSES)}); use QwenImagePipeline"
             )
-        super().__init__(source, *args, **kwargs)
-        self.plus = EDIT_CLASSES[cls_name]
-        self._edit_prompts: dict[tuple[str, str], Embeds] = {}
-        self._references: tuple[str, mx.array, list] | None = None  # the last images' latents
 
-    @classmethod
-    def from_pretrained(cls, src: str | Path, *args, **kwargs) -> QwenImageEditPipeline:
-        """As ``QwenImagePipeline.from_pretrained``; the checkpoint must be an Edit one with a
-        ``processor/`` folder."""
-        pipe = super().from_pretrained(src, *args, **kwargs)
-        pipe.source.folder("processor")
-        return pipe
+    def text_encoder_builder(self):
+        """The text encoder with its vision tower (everything else is ``Components``')."""
+        plus = self.plus
+
+        def build(source, config, weights, dtype):
+            from qwen_mlx.models.edit_prompt import QwenEditTextEncoder
+
+            return QwenEditTextEncoder.from_weights(
+                config,
+                weights,
+                source.folder("tokenizer"),
+                source.folder("processor"),
+                plus=plus,
+                dtype=dtype,
+                where=str(source.folder("text_encoder")),
+            )
+
+        return build
 
     @property
     def flavour(self) -> str:
@@ -127,24 +131,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     @property
     def default_steps(self) -> int:
-        return DEFAULT_STEPS[self.plus]
-
-    @property
-    def text_encoder(self):
-        if "text_encoder" not in self._components:
-            from qwen_mlx.models.edit_prompt import QwenEditTextEncoder
-
-            config, weights = self.source.component("text_encoder")
-            self._components["text_encoder"] = QwenEditTextEncoder.from_weights(
-                config,
-                weights,
-                self.source.folder("tokenizer"),
-                self.source.folder("processor"),
-                plus=self.plus,
-                dtype=self._component_dtype("text_encoder"),
-                where=str(self.source.folder("text_encoder")),
-            )
-        return self._components["text_encoder"]
+        return self.lightning or DEFAULT_STEPS[self.plus]
 
     # -- images
 
@@ -154,7 +141,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         """(condition images for the vision tower, images for the VAE), sized as diffusers does."""
         images = _as_images(image)
         if not self.plus and len(images) != 1:
-            raise ValueError(
+            raise RequestError(
                 f"Qwen-Image-Edit takes one image, got {len(images)}; Edit-2509/2511 take several"
             )
         images = [to_rgb(im) for im in images]
@@ -189,15 +176,14 @@ class QwenImageEditPipeline(QwenImagePipeline):
         key = _image_key(vae_images)
         if self._references is not None and self._references[0] == key:
             return self._references[1], self._references[2]
-        vae = self.vae
-        mean = mx.array(vae.latents_mean, dtype=mx.float32)
-        std = mx.array(vae.latents_std, dtype=mx.float32)
         parts, shapes = [], []
         for im in vae_images:
             x = mx.array(np.asarray(im, dtype=np.float32) / np.float32(255.0))[None] * 2.0 - 1.0
-            z = (vae.encode(x).astype(mx.float32) - mean) / std
-            parts.append(pack_latents(z))
-            shapes.append((1, z.shape[1] // PATCH, z.shape[2] // PATCH))
+            packed = self.vae_latents(x)
+            parts.append(packed)
+            shapes.append(
+                (1, x.shape[1] // self.vae_scale // PATCH, x.shape[2] // self.vae_scale // PATCH)
+            )
         refs = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         mx.eval(refs)
         self._references = (key, refs, shapes)
@@ -212,26 +198,42 @@ class QwenImageEditPipeline(QwenImagePipeline):
         max_sequence_length: int = 512,
     ) -> Embeds:
         """Embeddings and mask of ``prompts``, each seeing the condition ``images`` (already
-        sized by ``prepare_images``). Each distinct (prompt, images) pair is encoded once per
-        pipeline; the ones not seen yet go through the text encoder in one batch with one
-        vision-tower pass. Prompts are never truncated (as in diffusers' Edit pipelines)."""
-        del max_sequence_length
+        sized by ``prepare_images``). The base pipeline's prompt cache, keyed by the images
+        too: each distinct (prompt, images) pair is encoded once per pipeline; the new ones go
+        through the text encoder in one batch with one vision-tower pass. Prompts are never
+        truncated (as in diffusers' Edit pipelines)."""
         if images is None:
-            raise ValueError("Edit prompts need the input image(s)")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be one or more strings")
-        key = _image_key(images)
-        new = list(dict.fromkeys(p for p in prompts if (p, key) not in self._edit_prompts))
-        if new:
-            embeds, mask = self.text_encoder.encode(new, list(images))
-            lengths = [embeds.shape[1]] * len(new) if mask is None else mask.sum(axis=1).tolist()
-            for i, p in enumerate(new):
-                row = embeds[i : i + 1, : int(lengths[i])]
-                mx.eval(row)
-                self._edit_prompts[(p, key)] = (row, None)
-        rows = [self._edit_prompts[(p, key)] for p in prompts]
-        return pad_embeddings([e for e, _ in rows], [m for _, m in rows])
+            raise RequestError("Edit prompts need the input image(s)")
+        return self._cached_prompts(prompts, max_sequence_length, list(images))
+
+    def _encode_texts(self, prompts: list[str], max_sequence_length: int, images) -> Embeds:
+        return self.text_encoder.encode(prompts, list(images))
+
+    # -- requests
+
+    def request_size(self, req: GenerationRequest) -> tuple[int, int]:
+        if not req.images:
+            raise RequestError("Edit needs an input image")
+        height, width = self.edit_size(list(req.images), req.height, req.width)
+        return width, height
+
+    def check_images(self, req: GenerationRequest) -> None:
+        if req.mask is not None or req.strength is not None:
+            raise RequestError("Edit takes no mask or strength (those are img2img/inpaint)")
+        self.prepare_images(list(req.images))
+
+    def metadata(self, req: GenerationRequest, seed: int) -> dict:
+        return {**super().metadata(req, seed), "flavour": self.flavour}
+
+    def sample(
+        self, req: GenerationRequest, seed: int, cancel: CancelToken | None = None
+    ) -> Iterator[StepEvent]:
+        images = list(req.images) if self.plus else req.images[0]
+        negative = req.negative_prompt if req.cfg_on else None
+        return self._edit_steps(
+            images, req.prompt, negative, req.steps, req.cfg, seed, None, req.height,
+            req.width, list(req.sigmas) if req.sigmas else None, cancel,
+        )  # fmt: skip
 
     # -- the driver
 
@@ -250,6 +252,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         callback: Callable[[int, int, mx.array], None] | None = None,
         sigmas: list[float] | None = None,
         low_memory: bool = False,
+        cancel: CancelToken | None = None,
     ):
         """Edit ``image`` (one PIL image, or a list for Edit-2509/2511) as ``prompt`` says.
 
@@ -260,13 +263,36 @@ class QwenImageEditPipeline(QwenImagePipeline):
         the target; ``height``/``width`` default to about 1024x1024 at the input's aspect.
         """
         if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+            raise RequestError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        height, width = self.edit_size(image, height, width)
+        steps = self._edit_steps(
+            image, prompt, negative_prompt, num_inference_steps, true_cfg_scale, seed, latents,
+            height, width, sigmas, cancel,
+        )  # fmt: skip
+        latents = run(steps, latents, callback)
+        return self.finish(latents, height, width, output_type, low_memory)
+
+    def _edit_steps(
+        self,
+        image,
+        prompt,
+        negative_prompt,
+        num_inference_steps,
+        true_cfg_scale,
+        seed,
+        latents,
+        height,
+        width,
+        sigmas,
+        cancel,
+    ) -> Iterator[StepEvent]:
+        """Every Edit stage up to the last denoising step: the one path of ``__call__`` and
+        ``generate``."""
         steps = self.default_steps if num_inference_steps is None else num_inference_steps
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        checks.check_steps(steps)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a list of strings")
+            raise RequestError("prompt must be a string or a list of strings")
         conditions, vae_images = self.prepare_images(image)  # checks the images
         height, width = self.edit_size(image, height, width)
         do_cfg = true_cfg_scale > 1 and negative_prompt is not None
@@ -278,7 +304,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
                 else list(negative_prompt)
             )
             if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+                raise RequestError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
 
         start = time.perf_counter()
         self.encode_prompt([*prompts, *negatives], conditions)  # one forward for both
@@ -295,18 +321,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         latents = self.prepare_latents(batch, height, width, seed, latents)
         h, w = height // self.vae_scale // PATCH, width // self.vae_scale // PATCH
         sig, timesteps = self.schedule(steps, h * w, sigmas)  # mu: the noisy tokens only
-
-        start = time.perf_counter()
-        latents = self.denoise(
-            latents,
-            cond,
-            uncond,
-            sig,
-            timesteps,
-            [(1, h, w), *ref_shapes],
-            true_cfg_scale,
-            callback,
-            reference_latents=mx.repeat(refs, batch, axis=0) if batch > 1 else refs,
-        )
-        self.timings["denoise"] = time.perf_counter() - start
-        return self.finish(latents, height, width, output_type, low_memory)
+        refs = mx.repeat(refs, batch, axis=0) if batch > 1 else refs
+        yield from self._timed_denoise(
+            latents, cond, uncond, sig, timesteps, [(1, h, w), *ref_shapes], true_cfg_scale,
+            None, refs, cancel,
+        )  # fmt: skip

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
+from qwen_mlx.errors import RequestError
+
 
 def as_pil(image, what: str = "image"):
     """A PIL image from a PIL image, a path, or an (H, W[, C]) uint8 / [0, 1] float array."""
@@ -30,10 +32,10 @@ def as_pil(image, what: str = "image"):
                 im.load()
                 return im.copy()
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {what} {image}: {e}") from e
+            raise RequestError(f"cannot read {what} {image}: {e}") from e
     arr = np.asarray(image)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-        raise ValueError(f"{what} must be a PIL image or an (H, W[, C]) array, got {arr.shape}")
+        raise RequestError(f"{what} must be a PIL image or an (H, W[, C]) array, got {arr.shape}")
     if arr.dtype != np.uint8:
         arr = (np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
@@ -43,7 +45,7 @@ def default_size(image, multiple: int) -> tuple[int, int]:
     """(width, height) of ``image`` rounded down to multiples of ``multiple`` (as diffusers)."""
     w, h = image.size
     if w < multiple or h < multiple:
-        raise ValueError(f"image {w}x{h} is smaller than the minimum {multiple}x{multiple}")
+        raise RequestError(f"image {w}x{h} is smaller than the minimum {multiple}x{multiple}")
     return w - w % multiple, h - h % multiple
 
 
@@ -64,7 +66,7 @@ def mask_array(mask, width: int, height: int, scale: int) -> mx.array:
     arr = np.asarray(_resized(mask, width, height).convert("L")).astype(np.float32) / 255.0
     binary = (arr >= 0.5).astype(np.float32)[::scale, ::scale]  # nearest: each block's corner
     if not binary.any():
-        raise ValueError("the mask has no white (repaint) area at latent resolution")
+        raise RequestError("the mask has no white (repaint) area at latent resolution")
     return mx.array(binary)[None, :, :, None]
 
 
@@ -72,10 +74,10 @@ def first_step(num_steps: int, strength: float) -> int:
     """Index of the first step kept of ``num_steps``: the last ``ceil(N * strength)`` steps run
     (diffusers' get_timesteps)."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+        raise RequestError(f"strength must be in [0, 1], got {strength}")
     start = int(max(num_steps - min(num_steps * strength, num_steps), 0))
     if start >= num_steps:
-        raise ValueError(
+        raise RequestError(
             f"strength {strength} keeps no step of {num_steps} (it keeps ceil(steps * strength))"
         )
     return start

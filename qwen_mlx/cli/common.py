@@ -1,0 +1,180 @@
+"""What every command shares: one-line errors and exit codes, option types, progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEBUG_ENV = "QWEN_MLX_DEBUG"  # =1: let tracebacks through
+
+
+class UserError(Exception):
+    """A problem with the user's input found by the CLI itself: one line, exit code 2."""
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, ``warning: ...`` (no source location)."""
+    print(f"warning: {one_line(Warning(message))}", file=file or sys.stderr)
+
+
+@contextmanager
+def user_errors():
+    """Every failure as a one-line message, never a traceback (``QWEN_MLX_DEBUG=1`` shows it).
+
+    Exit codes: 2 for what the user can fix (the project's own errors: bad input, a missing
+    or corrupt file, memory; and the environment: files, disk, permissions), 130 for Ctrl-C or
+    a cancelled run, 1 for anything else (an internal bug, named as unexpected).
+    """
+    from qwen_mlx.errors import Cancelled, QwenMLXError
+
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    previous = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _warning_line
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (KeyboardInterrupt, Cancelled):
+        if debug:
+            raise
+        typer.echo("error: interrupted; nothing was written", err=True)
+        raise typer.Exit(130) from None
+    except (UserError, QwenMLXError, OSError, MemoryError) as e:
+        if debug:
+            raise
+        typer.echo(f"error: {one_line(e)}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        typer.echo(
+            f"error: unexpected {type(e).__name__}: {one_line(e)} "
+            f"({DEBUG_ENV}=1 shows the traceback)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    finally:
+        warnings.showwarning = previous
+
+
+class Progress:
+    """A one-line progress bar on stderr (step, per-step time, ETA), fed by ``StepEvent``s."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __call__(self, event) -> None:
+        step, total = event.index, event.total
+        per = event.elapsed / max(step, 1)
+        width = 24
+        bar = "#" * (width * step // total) + "-" * (width - width * step // total)
+        typer.echo(
+            f"\r{self.label} [{bar}] {step}/{total}  {per:.2f} s/step  "
+            f"ETA {per * (total - step):.0f} s",
+            err=True,
+            nl=step == total,
+        )
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+ASPECTS = {
+    "1:1": (1328, 1328),
+    "16:9": (1664, 928),
+    "9:16": (928, 1664),
+    "4:3": (1472, 1104),
+    "3:4": (1104, 1472),
+    "3:2": (1584, 1056),
+    "2:3": (1056, 1584),
+}
+
+# Options shared by `generate` and `edit` (each command keeps its own defaults).
+ModelOpt = Annotated[str, typer.Option(help="Converted or diffusers folder, or hub repo id")]
+NegativeOpt = Annotated[str, typer.Option(help="Negative prompt (true CFG)")]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(help="Denoising steps [default: the model's: 50; Edit-2509/2511 40]"),
+]
+CfgOpt = Annotated[
+    float | None, typer.Option(help="True CFG scale (<= 1 disables CFG) [default: 4]")
+]
+SeedOpt = Annotated[
+    list[int] | None, typer.Option(help="Seed; repeat for several images; none = random")
+]
+WidthOpt = Annotated[int | None, typer.Option(help="Width in pixels (multiple of 16)")]
+HeightOpt = Annotated[int | None, typer.Option(help="Height in pixels (multiple of 16)")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="PNG path")]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
+]
+LowMemoryOpt = Annotated[bool, typer.Option(help="Free the transformer before decoding")]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Replace existing PNGs (by default an existing file is an error)")
+]
+IgnoreMemoryOpt = Annotated[
+    bool, typer.Option(help="Run even if the estimated peak exceeds this machine's memory")
+]
+LoraOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
+]
+LightningOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Lightning preset for the 4- or 8-step Lightning LoRA (give it with --lora): "
+        "its scheduler, that many steps, CFG 1"
+    ),
+]
+QuantizeOpt = Annotated[
+    int | None, typer.Option(help="Quantize a float transformer as it loads: 4 or 8 bits")
+]
+QuantizeTextOpt = Annotated[
+    str, typer.Option(help="Language model: 4, 8, none, or auto (8 with --quantize)")
+]
+AdalnOpt = Annotated[
+    bool,
+    typer.Option(
+        "--adaln-cache/--no-adaln-cache",
+        help="Precompute the modulation for the schedule (the transformer then loads "
+        "without its 6.8 B modulation parameters); off computes it every step",
+    ),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Print the plan and the expected peak memory; load and write nothing "
+        "(exit 2 when it does not fit)"
+    ),
+]
+MaxSeqOpt = Annotated[int, typer.Option(help="Prompt token limit")]
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0

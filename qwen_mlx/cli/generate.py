@@ -1,0 +1,338 @@
+"""``qwen-mlx generate`` and ``qwen-mlx edit``: one path from options to PNGs.
+
+Both build a ``GenerationRequest``, check everything that can be checked before any weight
+loads (options, inputs, outputs, the memory plan), then consume ``pipe.generate(request)``:
+its ``StepEvent``s drive the progress bar, its ``ImageResult``s become PNGs with metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qwen_mlx.cli.common import (
+    ASPECTS,
+    AdalnOpt,
+    CfgOpt,
+    DryRunOpt,
+    HeightOpt,
+    IgnoreMemoryOpt,
+    LightningOpt,
+    LoraOpt,
+    LowMemoryOpt,
+    MaxSeqOpt,
+    ModelOpt,
+    NegativeOpt,
+    OutputOpt,
+    OverwriteOpt,
+    PrecisionOpt,
+    Progress,
+    QuantizeOpt,
+    QuantizeTextOpt,
+    SeedOpt,
+    StepsOpt,
+    UserError,
+    WidthOpt,
+    one_line,
+    parse_lora,
+    user_errors,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(generate)
+    app.command()(edit)
+
+
+# The request's fields as this CLI spells them, for its error messages.
+FLAGS = {
+    "steps": "--steps",
+    "seeds": "--seed",
+    "max_sequence_length": "--max-sequence-length",
+    "strength": "--strength",
+    "width": "width",
+    "height": "height",
+}
+
+
+def output_paths(output: Path | None, seeds: list[int], stem: str = "qwen-image") -> list[Path]:
+    """One PNG per seed: OUTPUT as given for one seed, OUTPUT-<seed>.png for several."""
+    if output is None:
+        return [Path(f"{stem}-{s}.png") for s in seeds]
+    if output.suffix.lower() != ".png":
+        raise UserError(f"--output must end in .png, got {output}")
+    if len(seeds) == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{s}{output.suffix}") for s in seeds]
+
+
+def _size(aspect: str | None, width: int | None, height: int | None):
+    if aspect is None:
+        return width, height
+    if aspect not in ASPECTS:
+        raise UserError(f"unknown aspect {aspect!r}; choose one of {', '.join(ASPECTS)}")
+    if width is not None or height is not None:
+        raise UserError("give either --aspect or --width/--height, not both")
+    return ASPECTS[aspect]
+
+
+def _lightning(lightning: int | None, steps: int | None, cfg: float | None) -> None:
+    from qwen_mlx.pipelines.txt2img import LIGHTNING_STEPS
+
+    if lightning is None:
+        return
+    if lightning not in LIGHTNING_STEPS:
+        raise UserError(f"--lightning must be 4 or 8 (the LoRA's steps), got {lightning}")
+    if steps is not None or cfg is not None:
+        raise UserError(f"--lightning {lightning} sets the steps and CFG; drop --steps/--cfg")
+
+
+def run(
+    pipeline_cls,
+    request,
+    *,
+    model: str,
+    stem: str,
+    output: Path | None,
+    overwrite: bool,
+    dry_run: bool,
+    ignore_memory_limit: bool,
+    lora: list[str] | None,
+    precision: str | None,
+    quantize: int | None,
+    quantize_text_encoder: str,
+    adaln_cache: bool,
+    lightning: int | None,
+    inputs: list[Path],
+) -> None:
+    """The shared path of ``generate`` and ``edit``: checks, load, sample, save."""
+    from qwen_mlx import memory
+    from qwen_mlx.outputs import check_outputs
+    from qwen_mlx.pipelines.txt2img import random_seed
+    from qwen_mlx.quantize import check_bits, text_encoder_bits
+    from qwen_mlx.request import ImageResult
+
+    start = time.perf_counter()
+    request = request.replace(seeds=request.seeds or (random_seed(),)).validate(FLAGS)
+    loras = [parse_lora(spec) for spec in lora or []]
+    for path, _ in loras:
+        if not path.is_file():
+            raise UserError(f"LoRA file not found: {path}")
+    paths = output_paths(output, list(request.seeds), stem)
+    resolved = {p.resolve() for p in inputs}
+    clash = [p for p in paths if p.resolve() in resolved]
+    if clash:
+        raise UserError(f"--output {clash[0]} would overwrite an input image")
+    if not dry_run:
+        check_outputs(paths, overwrite)
+    if quantize is not None:
+        check_bits(quantize)
+    te_bits = text_encoder_bits(quantize_text_encoder, quantize)
+
+    pipe = pipeline_cls.from_pretrained(
+        model,
+        precision=precision,
+        quantize=quantize,
+        quantize_text_encoder=te_bits or "none",
+        adaln_cache=adaln_cache,
+        lightning=lightning,
+    )
+    request = pipe.prepare(request)  # sizes, images, shapes: before any weight loads
+    if dry_run:
+        from qwen_mlx.cli.info import memory_lines
+
+        lines, fits = memory_lines(pipe.source, pipe.memory_request(request))
+        for line in lines:
+            typer.echo(line)
+        typer.echo(
+            f"dry run: {len(request.seeds)} image(s) {request.width}x{request.height}, "
+            f"{request.steps} steps; nothing loaded or written"
+        )
+        if not fits:
+            raise typer.Exit(2)
+        return
+    try:
+        pipe.check_memory(request)
+    except memory.MemoryLimitError as e:
+        if not ignore_memory_limit:
+            raise
+        typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)  # checked against the transformer's shapes here
+
+    where = dict(zip(request.seeds, paths, strict=True))
+    progress: dict[int, Progress] = {}
+    misplaced = []
+    for event in pipe.generate(request):
+        if isinstance(event, ImageResult):
+            _save(event, where[event.seed], overwrite, misplaced)
+        else:
+            progress.setdefault(event.seed, Progress(f"seed {event.seed}"))(event)
+    elapsed = time.perf_counter() - start
+    import mlx.core as mx
+
+    typer.echo(
+        f"{len(request.seeds)} image(s) {request.width}x{request.height}, {request.steps} steps "
+        f"in {elapsed:.1f} s, peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+    )
+    if misplaced:
+        raise typer.Exit(1)  # every image is saved, but not all where asked
+
+
+def _save(result, path: Path, overwrite: bool, misplaced: list) -> None:
+    from qwen_mlx.png import save_png
+
+    written, why = save_png(result.image, path, result.metadata, overwrite)
+    if why:
+        misplaced.append(written)
+        typer.echo(f"warning: {why}; saved the image as {written} instead", err=True)
+    typer.echo(f"wrote {written} (seed {result.seed})")
+
+
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw")],
+    model: ModelOpt = "Qwen/Qwen-Image",
+    negative_prompt: NegativeOpt = " ",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps [default: 50]")] = None,
+    cfg: CfgOpt = None,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    aspect: Annotated[
+        str | None, typer.Option(help=f"Official preset: {', '.join(ASPECTS)}")
+    ] = None,
+    output: OutputOpt = None,
+    precision: PrecisionOpt = None,
+    max_sequence_length: MaxSeqOpt = 512,
+    low_memory: LowMemoryOpt = False,
+    overwrite: OverwriteOpt = False,
+    ignore_memory_limit: IgnoreMemoryOpt = False,
+    lora: LoraOpt = None,
+    lightning: LightningOpt = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Input image: img2img (size defaults to its own)")
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(help="With --image: how much to change it, 0-1 [default: 0.6]"),
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="With --image: inpainting mask, white = repaint")
+    ] = None,
+    quantize: QuantizeOpt = None,
+    quantize_text_encoder: QuantizeTextOpt = "auto",
+    adaln_cache: AdalnOpt = True,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Generate images from a prompt; every PNG carries its parameters."""
+    from qwen_mlx.pipelines.txt2img import QwenImagePipeline
+    from qwen_mlx.request import GenerationRequest
+
+    with user_errors():
+        width, height = _size(aspect, width, height)
+        _lightning(lightning, steps, cfg)
+        if image is None and (strength is not None or mask is not None):
+            raise UserError("--strength and --mask need --image")
+        if image is None:  # txt2img: the size is known before anything loads
+            width = 1024 if width is None else width
+            height = 1024 if height is None else height
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg,
+            seeds=tuple(seed or ()),
+            max_sequence_length=max_sequence_length,
+            images=(image,) if image is not None else (),
+            mask=mask,
+            strength=strength,
+            low_memory=low_memory,
+        )
+        run(
+            QwenImagePipeline,
+            request,
+            model=model,
+            stem="qwen-image",
+            output=output,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            ignore_memory_limit=ignore_memory_limit,
+            lora=lora,
+            precision=precision,
+            quantize=quantize,
+            quantize_text_encoder=quantize_text_encoder,
+            adaln_cache=adaln_cache,
+            lightning=lightning,
+            inputs=[p for p in (image, mask) if p is not None],
+        )
+
+
+def edit(
+    image: Annotated[
+        list[Path], typer.Option("--image", "-i", help="Input image; repeat for several (2509+)")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The edit instruction")],
+    model: ModelOpt = "Qwen/Qwen-Image-Edit-2511",
+    negative_prompt: NegativeOpt = " ",
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    seed: SeedOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    aspect: Annotated[
+        str | None, typer.Option(help=f"Official preset: {', '.join(ASPECTS)}")
+    ] = None,
+    output: OutputOpt = None,
+    precision: PrecisionOpt = None,
+    low_memory: LowMemoryOpt = False,
+    overwrite: OverwriteOpt = False,
+    ignore_memory_limit: IgnoreMemoryOpt = False,
+    lora: LoraOpt = None,
+    lightning: LightningOpt = None,
+    quantize: QuantizeOpt = None,
+    quantize_text_encoder: QuantizeTextOpt = "auto",
+    adaln_cache: AdalnOpt = True,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Edit images with Qwen-Image-Edit (2509/2511: several images); the output is about
+    1024x1024 pixels at the (last) input image's aspect unless --width/--height say otherwise.
+    Every PNG carries its parameters and the input images' names and sizes."""
+    from qwen_mlx.pipelines.edit import QwenImageEditPipeline
+    from qwen_mlx.request import GenerationRequest
+
+    with user_errors():
+        width, height = _size(aspect, width, height)
+        _lightning(lightning, steps, cfg)
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg,
+            seeds=tuple(seed or ()),
+            images=tuple(image),
+            low_memory=low_memory,
+        )
+        run(
+            QwenImageEditPipeline,
+            request,
+            model=model,
+            stem="qwen-image-edit",
+            output=output,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            ignore_memory_limit=ignore_memory_limit,
+            lora=lora,
+            precision=precision,
+            quantize=quantize,
+            quantize_text_encoder=quantize_text_encoder,
+            adaln_cache=adaln_cache,
+            lightning=lightning,
+            inputs=list(image),
+        )

@@ -1,0 +1,158 @@
+"""``qwen-mlx info``: components, parameters, dtypes and the memory plan, from headers only."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qwen_mlx.cli.common import user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(info)
+
+
+def tensor_counts(tensors: dict) -> tuple[int, int, dict[str, int]]:
+    """(parameters, bytes, {dtype: parameters}) of {name: TensorInfo} (hub headers)."""
+    dtypes: dict[str, int] = {}
+    for t in tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.size
+    return sum(dtypes.values()), sum(t.nbytes for t in tensors.values()), dtypes
+
+
+def info(
+    model: Annotated[str, typer.Argument(help="Converted or diffusers folder, or hub repo id")],
+    width: Annotated[int, typer.Option(help="Width for the memory estimate")] = 1024,
+    height: Annotated[int, typer.Option(help="Height for the memory estimate")] = 1024,
+    precision: Annotated[
+        str | None, typer.Option(help="Precision plan for the memory estimate (default: stored)")
+    ] = None,
+    low_memory: Annotated[bool, typer.Option(help="Estimate with --low-memory")] = False,
+    quantize: Annotated[
+        int | None, typer.Option(help="Estimate quantizing the transformer at load: 4 or 8")
+    ] = None,
+    quantize_text_encoder: Annotated[
+        str, typer.Option(help="Language model: 4, 8, none, or auto (8 with --quantize)")
+    ] = "auto",
+    adaln_cache: Annotated[
+        bool, typer.Option("--adaln-cache/--no-adaln-cache", help="Estimate with the adaLN cache")
+    ] = True,
+    cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="True CFG (doubled batch)")] = True,
+) -> None:
+    """Components, parameter counts, dtypes and estimated peak memory of a model (from the
+    safetensors headers: nothing is loaded, downloaded or converted)."""
+    from qwen_mlx import memory
+    from qwen_mlx.checks import check_size
+    from qwen_mlx.io import parameter_counts
+    from qwen_mlx.loading import is_hub_id, resolve
+
+    with user_errors():
+        check_size(height, width)
+        from qwen_mlx.quantize import check_bits, text_encoder_bits
+
+        if quantize is not None:
+            check_bits(quantize)
+        te_bits = text_encoder_bits(quantize_text_encoder, quantize)
+        request = memory.Request(
+            width,
+            height,
+            cfg=cfg,
+            precision=precision,
+            low_memory=low_memory,
+            quant_bits=quantize,
+            adaln_cache=adaln_cache,
+            text_encoder_bits=te_bits,
+        )
+        if is_hub_id(model) and not Path(model).expanduser().exists():
+            from qwen_mlx.remote import hub_headers
+
+            tensors, configs = hub_headers(model)
+            typer.echo(f"model: {model}  (hub, headers only: nothing downloaded or converted)")
+            counts = {c: tensor_counts(t) for c, t in tensors.items()}
+            source, load_dtype = None, "bfloat16"
+        else:
+            source = resolve(model)
+            kind = "converted" if source.converted else "diffusers layout"
+            typer.echo(f"model: {model}  ({kind})")
+            typer.echo(f"folder: {source.root}")
+            names = [c for c in memory.COMPONENTS if source.has(c)]
+            counts = {c: parameter_counts(source.folder(c)) for c in names}
+        for name in memory.COMPONENTS:
+            if name not in counts:
+                typer.echo(f"  {name:13s} missing")
+                continue
+            params, nbytes, dtypes = counts[name]
+            kinds = ", ".join(f"{k} {v / max(params, 1):.0%}" for k, v in sorted(dtypes.items()))
+            typer.echo(
+                f"  {name:13s} {params / 1e9:7.3f} B params  {nbytes / 2**30:7.2f} GiB  [{kinds}]"
+            )
+        if source is not None and source.has("transformer"):
+            from qwen_mlx.precision import PrecisionPlan
+
+            config = source.config("transformer")
+            if source.converted:
+                plan = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
+                typer.echo(f"precision plan: {plan.describe()}")
+        from qwen_mlx.device import auto_precision
+
+        name, why = auto_precision()
+        typer.echo(f"auto precision on this machine: {name} ({why})")
+        if source is not None:
+            tensors, configs, load_dtype = memory.source_inputs(source)
+        quantized = quantize or "quantization" in configs.get("transformer", {})
+        if quantized:
+            request = dataclasses.replace(request, vae_tile=memory.LEAN_DECODE_TILE)
+        est = memory.estimate(tensors, request, configs, load_dtype)
+        limit, where = memory.machine_memory()
+        for line in stage_lines(est):
+            typer.echo(line)
+        typer.echo(
+            f"estimated peak memory at {width}x{height}: {est.describe()}; "
+            f"this machine: {memory.gib(limit)} ({where})"
+        )
+        if est.peak > limit:
+            fits = memory.alternatives(tensors, request, configs, limit, load_dtype)
+            hint = "; ".join(f"{f.label} (~{memory.gib(f.peak)})" for f in fits) or "nothing"
+            typer.echo(f"does not fit; would fit: {hint}")
+
+
+def stage_lines(est) -> list[str]:
+    """Each stage's expected memory (weights held + activations)."""
+    from qwen_mlx import memory
+
+    return [
+        f"  {stage:8s} {memory.gib(total):>9s}  (activations "
+        f"{memory.gib(est.activations.get(stage, 0))})"
+        for stage, total in est.stages.items()
+    ]
+
+
+def memory_lines(source, request) -> tuple[list[str], bool]:
+    """What ``--dry-run`` prints (the run's settings, each stage, the peak) and whether the
+    plan fits this machine."""
+    from qwen_mlx import memory
+
+    est = memory.source_estimate(source, request)
+    limit, where = memory.machine_memory()
+    what = (
+        f"memory plan for {request.width}x{request.height}{', true CFG' if request.cfg else ''}:"
+        f" transformer {f'{request.quant_bits}-bit' if request.quant_bits else 'as stored'}"
+        f"{', adaLN cache' if request.adaln_cache else ''}; text encoder "
+        f"{f'{request.text_encoder_bits}-bit' if request.text_encoder_bits else 'as stored'}"
+    )
+    fits = est.peak <= limit
+    lines = [
+        what,
+        *stage_lines(est),
+        f"expected peak: {est.describe()}; this machine: {memory.gib(limit)} ({where}): "
+        f"{'fits' if fits else 'does NOT fit'}",
+    ]
+    if not fits:
+        tensors, configs, load_dtype = memory.source_inputs(source)
+        alts = memory.alternatives(tensors, request, configs, limit, load_dtype)
+        hint = "; ".join(f"{f.label} (~{memory.gib(f.peak)})" for f in alts) or "nothing"
+        lines.append(f"would fit: {hint}")
+    return lines, fits
