@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from qwen_mlx import loading
+from qwen_mlx import cache
 from qwen_mlx.models.transformer import (
     MODULATION_WEIGHTS,
     Modulation,
@@ -53,7 +53,10 @@ FORMAT = 1
 
 def cache_root() -> Path:
     """``$QWEN_MLX_CACHE/adaln`` (default ``~/.cache/qwen-mlx/adaln``)."""
-    return loading.cache_root().expanduser() / "adaln"
+    return cache.cache_root() / "adaln"
+
+
+_WARNED: set[str] = set()  # cache folders already warned about (once per process each)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -319,8 +322,12 @@ class AdaLNCache:
             Path(tmp).unlink(missing_ok=True)
         return self.open(key)
 
-    def get(self, key: str, build: Callable[[], Sequence[Modulation]]) -> AdaLNTable:
-        """The table for ``key``, built with ``build()`` and saved if missing or corrupt."""
+    def get(
+        self, key: str, build: Callable[[], Sequence[Modulation]]
+    ) -> AdaLNTable | Sequence[Modulation]:
+        """The table for ``key``, built with ``build()`` and saved if missing or corrupt; when
+        the cache folder cannot be written (``$QWEN_MLX_CACHE`` names a file, no permission, a
+        full disk) the built table is returned from memory, with one warning per folder."""
         try:
             table = self.open(key)
         except CorruptCacheError as e:
@@ -328,5 +335,21 @@ class AdaLNCache:
             self.path(key).unlink(missing_ok=True)
             table = None
         if table is None:
-            table = self.save(key, build())
+            built = build()
+            try:
+                table = self.save(key, built)
+            except OSError as e:  # the cache is optional: run from memory, say so once
+                where = str(self.root)
+                if where not in _WARNED:
+                    _WARNED.add(where)
+                    why = e.strerror or str(e)
+                    blocker = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+                    if blocker is not None and not blocker.is_dir():
+                        why = f"{blocker} is a file, not a folder"
+                    warnings.warn(
+                        f"adaLN cache: cannot write in {where} ({why}; {cache.setting()}); "
+                        "running without the cache",
+                        stacklevel=2,
+                    )
+                return list(built)
         return table

@@ -51,6 +51,32 @@ def check_side(name: str, v, multiple: int = 16, max_side: int = MAX_SIDE) -> in
     return int(v)
 
 
+def check_image_size(
+    width: int,
+    height: int,
+    multiple: int = 16,
+    max_side: int | None = None,
+    what: str = "the image",
+) -> None:
+    """An input image that sets the output size: each side at least ``multiple`` and (when
+    given) at most ``max_side`` pixels; the message says which side is wrong."""
+    size = f"{what} is {width}x{height}"
+    sides = (("width", width), ("height", height))
+    small = [f"{name} {v}" for name, v in sides if v < multiple]
+    if small:
+        verb = "is" if len(small) == 1 else "are"
+        raise RequestError(
+            f"{size}: its {' and '.join(small)} {verb} below the minimum of {multiple} pixels"
+        )
+    large = [f"{name} {v}" for name, v in sides if max_side and v - v % multiple > max_side]
+    if large:
+        verb = "is" if len(large) == 1 else "are"
+        raise RequestError(
+            f"{size}: its {' and '.join(large)} {verb} above the largest output side of "
+            f"{max_side} pixels; give a width and height to resize it to"
+        )
+
+
 def check_steps(steps, max_steps: int = MAX_STEPS, name: str = "num_inference_steps") -> int:
     """At least 1; at most the scheduler's 1000 training timesteps (more would repeat them)."""
     return check_int(name, steps, 1, max_steps)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +60,97 @@ def smart_resize(
     return h_bar, w_bar
 
 
+# ----------------------------------------------------------------------------- bit depth
+#
+# Pillow's ``convert("RGB")`` / ``convert("L")`` clip 16-bit, 32-bit integer and float pixels to
+# 0..255 instead of scaling them (a 16-bit photo comes out white, a float one black), so every
+# image is brought to 8 bits by its range first: 16-bit over 0..65535, Pillow's 32-bit integer
+# mode "I" over 0..65535 when its values fit (how Pillow hands over 16-bit data) else over
+# 0..2**31-1, floats over 0..1.
+
+INT16_MAX = 65535
+
+
+def _float_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise RequestError(f"{what} holds NaN or infinite pixel values")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < -0.5 or hi > 1.5:  # clearly not 0..1 (a 0..255 float image, say): never guess
+        raise RequestError(
+            f"{what} holds float pixel values from {lo:g} to {hi:g}; float images are read as "
+            "0..1 (save it as an 8- or 16-bit image instead)"
+        )
+    return np.round(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _int_to_uint8(arr: np.ndarray, top: int) -> np.ndarray:
+    return np.round(np.clip(arr.astype(np.float64) / top, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def array_to_uint8(arr: np.ndarray, what: str = "image") -> np.ndarray:
+    """An image array's pixels as uint8, scaled by their type's range: uint8 as is, bool to
+    0/255, uint16 over 0..65535, floats over 0..1 (a little overshoot is clipped; values far
+    outside, NaN or inf are a one-line RequestError). Other integer types are ambiguous as
+    arrays and refused."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        return _int_to_uint8(arr, INT16_MAX)
+    if arr.dtype.kind == "f":
+        return _float_to_uint8(arr, what)
+    raise RequestError(
+        f"{what} is an array of {arr.dtype}; give uint8 (0..255), uint16 (0..65535) or float "
+        "(0..1) values"
+    )
+
+
+def to_8bit(image: Image.Image, what: str = "image") -> Image.Image:
+    """``image`` with 8-bit channels, scaled by its range (see above); 8-bit modes (L, RGB,
+    RGBA, P, ...) are returned as they are. 16-bit RGB(A) PNGs need nothing: Pillow reads them
+    as 8-bit RGB(A) (each value's high byte)."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        arr = np.asarray(image).astype(np.uint16)  # I;16B arrives big-endian
+        return Image.fromarray(_int_to_uint8(arr, INT16_MAX), "L")
+    if mode == "I":
+        arr = np.asarray(image)
+        fits16 = arr.size == 0 or (arr.min() >= 0 and arr.max() <= INT16_MAX)
+        return Image.fromarray(_int_to_uint8(arr, INT16_MAX if fits16 else 2**31 - 1), "L")
+    if mode == "F":
+        return Image.fromarray(_float_to_uint8(np.asarray(image), what), "L")
+    return image
+
+
+def read_image(image, what: str = "image") -> Image.Image:
+    """An 8-bit PIL image (see ``to_8bit``) from a PIL image, a path, or an (H, W[, C]) array
+    (see ``array_to_uint8``); an unreadable file or a bad array is a one-line RequestError naming
+    ``what``. Every image qwen-mlx reads (img2img and inpaint images and masks, Edit inputs)
+    goes through here."""
+    if isinstance(image, Image.Image):
+        return to_8bit(image, what)
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        name = os.fsdecode(image)
+        try:
+            with Image.open(image) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise RequestError(f"cannot read {what} {name}: {' '.join(str(e).split())}") from e
+        return to_8bit(image, f"{what} {name}")
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise RequestError(f"{what} must be a PIL image or an (H, W[, C]) array, got {arr.shape}")
+    arr = array_to_uint8(arr, what)
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto a white background."""
+    """RGB, with any transparency composited onto a white background (any bit depth: see
+    ``to_8bit``)."""
+    image = to_8bit(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -3,8 +3,9 @@
 * converted folder (``qwen-mlx convert`` output): components load from disk, lazily;
 * diffusers-layout folder: each component is converted in memory as it loads, nothing is written;
 * hub repo id (``Qwen/Qwen-Image``): the needed files are downloaded with huggingface_hub into
-  its cache (resumable; ``HF_HUB_OFFLINE=1`` uses the cache only), converted once into
-  ``$QWEN_MLX_CACHE`` (default ``~/.cache/qwen-mlx``) and reused from there.
+  its cache (resumable; ``HF_HUB_OFFLINE=1`` uses the cache only; a hub that does not answer
+  fails in seconds, see ``qwen_mlx.hub``), converted once into ``$QWEN_MLX_CACHE`` (default
+  ``~/.cache/qwen-mlx``, see ``qwen_mlx.cache``) and reused from there.
 
 ``load_component`` is the one place that decides between reading a converted component and
 converting one in memory; every model's ``from_pretrained`` and the pipeline go through it.
@@ -13,7 +14,6 @@ This is the only runtime module that reaches for the converter (lazily, for in-m
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_mlx.cache import cache_folder, cache_root  # noqa: F401 - cache_root re-exported
 from qwen_mlx.dtypes import DTYPE_NAMES, cast_floats, dtype_of
 from qwen_mlx.errors import CheckpointError, ModelNotFoundError
 from qwen_mlx.io import CONVERTED_COMPONENTS, is_converted, load_folder, read_json
@@ -121,10 +122,6 @@ def is_hub_id(src: str | Path) -> bool:
     return bool(REPO_ID.match(text)) and not text.startswith((".", "~", "/"))
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("QWEN_MLX_CACHE", Path.home() / ".cache" / "qwen-mlx"))
-
-
 def resolve(
     src: str | Path,
     dtype: str = "bfloat16",
@@ -153,19 +150,32 @@ def hub_checkpoint(
     """Download (or find in the cache) a hub checkpoint and convert it once."""
     from huggingface_hub import snapshot_download
 
+    from qwen_mlx import hub
     from qwen_mlx.convert import ConversionError, ConvertOptions, convert_checkpoint
 
-    try:
-        snapshot = Path(
+    def download(local_only: bool) -> Path:
+        return Path(
             snapshot_download(
-                repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir
+                repo_id,
+                revision=revision,
+                allow_patterns=HUB_PATTERNS,
+                cache_dir=cache_dir,
+                local_files_only=local_only,
             )
         )
+
+    why = None if hub.offline() else hub.unreachable(repo_id)
+    try:
+        snapshot = download(local_only=why is not None or hub.offline())
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        if why is not None:
+            raise ModelNotFoundError(hub.unreachable_message(repo_id, why)) from None
+        if hub.offline():
+            raise ModelNotFoundError(hub.offline_message(repo_id)) from None
         raise ModelNotFoundError(
             f"{repo_id}: no such folder, and cannot get it from the hub: {e}"
         ) from e
-    dst = cache_root() / repo_id.replace("/", "--") / f"{snapshot.name}-{dtype}"
+    dst = cache_folder(repo_id.replace("/", "--")) / f"{snapshot.name}-{dtype}"
     if is_converted(dst):
         return dst
     try:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +50,51 @@ F32 = mx.float32
 
 class LoraError(QwenMLXError, ValueError):
     """A LoRA file that cannot be applied to this model (the message says why)."""
+
+
+# ----------------------------------------------------------------------------- PATH[:SCALE]
+
+# A scale as people write it: 0.8, -1, .5, 1e-1. Not Python's float() grammar, which also takes
+# "1_0" (10), "nan", "inf" and surrounding spaces.
+SCALE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def check_lora_scale(scale, where: str = "") -> float:
+    """A LoRA scale as a float: a finite real number (negative scales subtract a LoRA), else a
+    one-line LoraError."""
+    at = f" for {where}" if where else ""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise LoraError(f"LoRA scale{at} must be a number, got {scale!r}")
+    if not math.isfinite(scale):
+        raise LoraError(f"LoRA scale{at} must be finite, got {scale!r}")
+    return float(scale)
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` (``--lora style.safetensors:0.8``) -> (path, scale), the file checked.
+
+    A spec naming an existing file is that file at scale 1 (a colon in a file name is kept).
+    Otherwise the text after the last colon is the scale, when the text before it names a
+    ``.safetensors`` file or an existing one; a scale must be a plain decimal number (``0.8``,
+    ``-1``, ``1e-1``; not ``1_0``, ``nan`` or ``inf``). Errors are one-line LoraErrors: a file
+    not found, a scale that is not a number."""
+    if not isinstance(spec, str) or not spec:
+        raise LoraError(f"a LoRA is given as PATH[:SCALE], got {spec!r}")
+    whole = Path(spec).expanduser()
+    if whole.is_file():
+        return whole, 1.0
+    path, sep, text = spec.rpartition(":")
+    if sep and path:
+        file = Path(path).expanduser()
+        if SCALE.fullmatch(text):
+            scale = check_lora_scale(float(text), spec)
+            if not file.is_file():
+                raise LoraError(f"LoRA file not found: {path}")
+            return file, scale
+        if file.is_file() or file.suffix == ".safetensors":
+            what = f"LoRA scale {text!r}" if text else "the LoRA scale after ':'"
+            raise LoraError(f"{what} is not a number in {spec!r} (PATH[:SCALE], e.g. {path}:0.8)")
+    raise LoraError(f"LoRA file not found: {spec}")
 
 
 # ----------------------------------------------------------------------------- key layouts
@@ -229,6 +276,19 @@ def _peft_alpha(metadata: dict) -> Callable[[str, int], float] | None:
     return scale
 
 
+def check_finite_tensors(path: str | Path, tensors: dict[str, mx.array]) -> None:
+    """Raise LoraError naming the file and the keys whose values hold NaN or inf: such a LoRA
+    would only show up as NaN latents at the first step."""
+    names = [k for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)]
+    flags = [mx.isfinite(tensors[k]).all() for k in names]
+    mx.eval(flags)
+    bad = [k for k, ok in zip(names, flags, strict=True) if not ok.item()]
+    if bad:
+        raise LoraError(
+            f"{path}: {len(bad)} LoRA tensor(s) hold NaN or inf values: {_listing(bad)}"
+        )
+
+
 def read_lora(path: str | Path) -> LoRA:
     """Read a LoRA safetensors file in any supported layout (see the module docstring).
 
@@ -246,6 +306,7 @@ def read_lora(path: str | Path) -> LoRA:
         raise LoraError(f"{path}: cannot read the safetensors file: {e}") from e
     if not tensors:
         raise LoraError(f"{path}: the file holds no tensors")
+    check_finite_tensors(path, tensors)
 
     parts: dict[str, dict[str, mx.array]] = {}  # diffusers module -> {role: tensor}
     keys_of: dict[str, list[str]] = {}
@@ -376,7 +437,8 @@ def fuse_weights(
     checkpoint) the delta is folded to match; None = unfolded.
     """
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    for lora, _ in loras:
+    for lora, scale in loras:
+        check_lora_scale(scale, lora.name)
         lora.check(shapes)
     out = dict(weights)
     for name in dict.fromkeys(n for lora, _ in loras for n in lora.updates):
@@ -525,6 +587,7 @@ class LoraStack:
 
     def add(self, lora: LoRA, scale: float = 1.0) -> None:
         """Apply one more LoRA at ``scale``: fused into float weights, beside quantized ones."""
+        scale = check_lora_scale(scale, lora.name)
         lora.check(target_shapes(self.model))
         retrace = False
         for name, update in lora.updates.items():

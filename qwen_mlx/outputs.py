@@ -5,6 +5,10 @@
 * Files are created exclusively: written to a temporary name, then hard-linked to their name
   (which fails if the name exists, so parallel runs cannot clobber each other) or, with
   ``overwrite``, renamed over it.
+* An output that is one of the run's inputs (an ``--image``, a ``--mask``, an Edit image) is
+  refused even with ``overwrite``: paths are compared resolved (symbolic links, ``./`` and
+  ``..`` spellings) and, for files that exist, as the same file on disk (hard links, a
+  case-insensitive filesystem's other spelling).
 * If writing still fails at the end (the name was taken meanwhile, the folder went away or
   became read-only, the disk is full), the image is saved under a fallback name (``NAME.1.png``
   and up, then the current folder, then the system's temporary folder) and the caller says where.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from qwen_mlx.errors import QwenMLXError
@@ -58,6 +62,39 @@ def check_outputs(paths: list[Path], overwrite: bool = False) -> None:
         if not folder.is_dir():
             raise OutputError(f"cannot create {path.parent}: {folder} is a file")
         _probe(folder)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file: equal once resolved, or (both existing) the
+    same inode."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: fall through to the inode test
+        pass
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_not_inputs(
+    outputs: Iterable[str | os.PathLike],
+    inputs: Iterable[tuple[str, str | os.PathLike]],
+) -> None:
+    """Refuse an output that would replace one of the run's inputs, whatever ``overwrite`` says.
+
+    ``inputs`` are ``(label, path)`` pairs, the label saying where the input came from
+    (``"--image"``, ``"mask_image"``); in-memory inputs have no path and are left out."""
+    inputs = [(label, path) for label, path in inputs if path is not None]
+    for out in outputs:
+        for label, path in inputs:
+            if same_file(out, path):
+                raise OutputError(
+                    f"{out} would overwrite an input image ({label} {path}); "
+                    "name another output file"
+                )
 
 
 def _write_temp(folder: Path, name: str, write: Callable[[Path], None]) -> Path:

@@ -350,6 +350,7 @@ def test_info_hub_id_reads_headers_only(source, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", forbidden)
     monkeypatch.setattr("qwen_mlx.convert.convert_checkpoint", forbidden)
+    monkeypatch.setattr("qwen_mlx.hub.unreachable", lambda *a, **k: None)  # the hub "answers"
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, ["info", "org/tiny"])
     assert res.exit_code == 0, res.output

@@ -167,7 +167,7 @@ def test_bad_inputs(pipe):
         pipe("x", mask_image=mask(32, 32))
     with pytest.raises(ValueError, match="no white"):
         pipe("x", image=image, mask_image=Image.new("L", (32, 32)))
-    with pytest.raises(ValueError, match="smaller than the minimum"):
+    with pytest.raises(ValueError, match="image is 4x40: its width 4 is below the minimum of 8 "):
         pipe("x", image=photo(4, 40))
     with pytest.raises(ValueError, match="cannot read image"):
         pipe("x", image="/nonexistent.png")

@@ -21,31 +21,20 @@ from qwen_mlx.errors import RequestError
 
 
 def as_pil(image, what: str = "image"):
-    """A PIL image from a PIL image, a path, or an (H, W[, C]) uint8 / [0, 1] float array."""
-    from PIL import Image
+    """An 8-bit PIL image from a PIL image, a path, or an (H, W[, C]) uint8 / uint16 / [0, 1]
+    float array; 16-bit, 32-bit and float images are scaled by their range
+    (``qwen_mlx.image_processing.read_image``)."""
+    from qwen_mlx.image_processing import read_image
 
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        try:
-            with Image.open(image) as im:
-                im.load()
-                return im.copy()
-        except (OSError, ValueError) as e:
-            raise RequestError(f"cannot read {what} {image}: {e}") from e
-    arr = np.asarray(image)
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-        raise RequestError(f"{what} must be a PIL image or an (H, W[, C]) array, got {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    return read_image(image, what)
 
 
 def default_size(image, multiple: int) -> tuple[int, int]:
     """(width, height) of ``image`` rounded down to multiples of ``multiple`` (as diffusers)."""
+    from qwen_mlx.checks import check_image_size
+
     w, h = image.size
-    if w < multiple or h < multiple:
-        raise RequestError(f"image {w}x{h} is smaller than the minimum {multiple}x{multiple}")
+    check_image_size(w, h, multiple)
     return w - w % multiple, h - h % multiple
 
 
