@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -53,11 +54,16 @@ def png_bytes(image, params: dict) -> bytes:
     return buf.getvalue()
 
 
-def save_png(image, path: Path, params: dict, overwrite: bool = False) -> tuple[Path, str | None]:
+def save_png(
+    image, path: Path, params: dict, overwrite: bool = False, inputs: Iterable = ()
+) -> tuple[Path, str | None]:
     """Write ``image`` with ``params``, never clobbering a file unless ``overwrite``: returns
-    (where it was written, why not ``path`` or None); see ``qwen_mlx.outputs``."""
-    from qwen_mlx.outputs import save_exclusive
+    (where it was written, why not ``path`` or None); see ``qwen_mlx.outputs``. ``inputs``:
+    ``(label, path)`` pairs of the run's input files, never replaced, whatever ``overwrite``
+    says (``outputs.check_not_inputs``)."""
+    from qwen_mlx.outputs import check_not_inputs, save_exclusive
 
+    check_not_inputs([path], inputs)
     info = png_info(params)
     return save_exclusive(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
 

@@ -90,7 +90,9 @@ def test_nan_weights_name_the_step_without_blaming_the_precision_plan(model, tmp
     bad = copy_with(model, tmp_path / "m", "transformer", "img_in.bias", float("nan"))
     out = tmp_path / "img.png"
     line = one_line_error(generate(bad, *SMALL, "-o", out), "non-finite (NaN/inf) at step 1/2")
-    assert "the inputs or the weights produce NaN/inf" in line and "try precision" not in line
+    assert "the weights or the inputs hold NaN/inf or values too large" in line
+    assert "'float32' precision plan, whose range does not overflow here" in line
+    assert "try precision" not in line
     assert not out.exists()
 
 

@@ -21,9 +21,9 @@ from PIL import Image
 from qwen_mlx import cache, checks, hub, messages
 from qwen_mlx.adaln import AdaLNCache
 from qwen_mlx.image_processing import array_to_uint8, read_image, to_8bit, to_rgb
-from qwen_mlx.img2img import as_pil, default_size
 from qwen_mlx.lora import LoraError, check_lora_scale, parse_lora_spec, read_lora
 from qwen_mlx.outputs import OutputError, check_not_inputs, same_file
+from qwen_mlx.pipelines.img2img import as_pil, default_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -394,3 +394,20 @@ def test_size_messages_name_the_side():
     with pytest.raises(ValueError, match="its width 9000 is above the largest output side"):
         checks.check_image_size(9000, 64, max_side=8192)
     assert default_size(Image.new("RGB", (40, 33)), 16) == (32, 32)
+
+
+def test_save_png_never_replaces_an_input(tmp_path):
+    from qwen_mlx.png import save_png
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(photo)
+    before = photo.read_bytes()
+    params = {"prompt": "x", "steps": 1, "cfg": 1, "seed": 1, "width": 8, "height": 8,
+              "model": "m", "precision": "p", "version": "v"}  # fmt: skip
+    with pytest.raises(OutputError, match=r"would overwrite an input image \(image "):
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "." / "photo.png", params, True,
+                 inputs=[("image", photo)])  # fmt: skip
+    assert photo.read_bytes() == before
+    assert save_png(
+        Image.new("RGB", (8, 8)), tmp_path / "out.png", params, inputs=[("image", photo)]
+    )

@@ -19,7 +19,7 @@ from tiny_pipeline import build_checkpoint
 
 from qwen_mlx import QwenImageEditPipeline, cache
 from qwen_mlx.lora import LoraError
-from qwen_mlx.pipeline import QwenImagePipeline
+from qwen_mlx.pipelines.txt2img import QwenImagePipeline
 
 W, H = 32, 24
 RUN = dict(width=W, height=H, num_inference_steps=3, seed=3, output_type="np")

@@ -24,8 +24,10 @@ def one_line(e: BaseException) -> str:
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line, ``warning: ...`` (no source location)."""
-    print(f"warning: {one_line(Warning(message))}", file=file or sys.stderr)
+    """Warnings as one line, ``warning: ...`` (no source location; ``qwen_mlx.messages``)."""
+    from qwen_mlx.messages import warning_line
+
+    print(warning_line(message, category), file=file or sys.stderr)
 
 
 @contextmanager
@@ -170,11 +172,7 @@ MaxSeqOpt = Annotated[int, typer.Option(help="Prompt token limit")]
 
 
 def parse_lora(spec: str) -> tuple[Path, float]:
-    """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
-    path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
+    """``--lora PATH[:SCALE]`` -> (path, scale), the file checked (``lora.parse_lora_spec``)."""
+    from qwen_mlx.lora import parse_lora_spec
+
+    return parse_lora_spec(spec)

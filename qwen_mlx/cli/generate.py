@@ -106,26 +106,20 @@ def run(
     quantize_text_encoder: str,
     adaln_cache: bool,
     lightning: int | None,
-    inputs: list[Path],
+    inputs: list[tuple[str, Path]],
 ) -> None:
     """The shared path of ``generate`` and ``edit``: checks, load, sample, save."""
     from qwen_mlx import memory
-    from qwen_mlx.outputs import check_outputs
+    from qwen_mlx.outputs import check_not_inputs, check_outputs
     from qwen_mlx.pipelines.txt2img import random_seed
     from qwen_mlx.quantize import check_bits, text_encoder_bits
     from qwen_mlx.request import ImageResult
 
     start = time.perf_counter()
     request = request.replace(seeds=request.seeds or (random_seed(),)).validate(FLAGS)
-    loras = [parse_lora(spec) for spec in lora or []]
-    for path, _ in loras:
-        if not path.is_file():
-            raise UserError(f"LoRA file not found: {path}")
+    loras = [parse_lora(spec) for spec in lora or []]  # files found, scales numbers
     paths = output_paths(output, list(request.seeds), stem)
-    resolved = {p.resolve() for p in inputs}
-    clash = [p for p in paths if p.resolve() in resolved]
-    if clash:
-        raise UserError(f"--output {clash[0]} would overwrite an input image")
+    check_not_inputs(paths, inputs)  # even with --overwrite; links and ./ spellings count
     if not dry_run:
         check_outputs(paths, overwrite)
     if quantize is not None:
@@ -268,7 +262,7 @@ def generate(
             quantize_text_encoder=quantize_text_encoder,
             adaln_cache=adaln_cache,
             lightning=lightning,
-            inputs=[p for p in (image, mask) if p is not None],
+            inputs=[("--image", image), ("--mask", mask)],
         )
 
 
@@ -334,5 +328,5 @@ def edit(
             quantize_text_encoder=quantize_text_encoder,
             adaln_cache=adaln_cache,
             lightning=lightning,
-            inputs=list(image),
+            inputs=[("--image", p) for p in image],
         )

@@ -18,13 +18,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from qwen_mlx import memory
 from qwen_mlx.adaln import AdaLNCache
-from qwen_mlx.errors import RequestError
 from qwen_mlx.loading import ModelSource
-from qwen_mlx.lora import LoRA, LoraStack, fuse_weights, lora_key, read_lora, target_shapes
+from qwen_mlx.lora import (
+    LoRA,
+    LoraStack,
+    check_lora_scale,
+    fuse_weights,
+    lora_key,
+    read_lora,
+    target_shapes,
+)
 from qwen_mlx.memory import LEAN_DECODE_TILE, cache_limit
 from qwen_mlx.models.transformer import Modulation, TransformerConfig
 from qwen_mlx.precision import PrecisionPlan, component_dtype
@@ -203,10 +209,8 @@ class Components:
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> LoRA:
         """See ``QwenImagePipeline.load_lora``."""
-        scale = float(scale)
-        if not np.isfinite(scale):
-            raise RequestError(f"LoRA scale must be a finite number, got {scale}")
-        lora = read_lora(path)
+        scale = check_lora_scale(scale, Path(path).name)  # "abc", nan: one line, nothing read
+        lora = read_lora(path)  # NaN/inf tensors refused here, naming the file and keys
         if self._lora_stack is not None and "transformer" in self._models:
             self._lora_stack.add(self._model_lora(lora), scale)
         else:

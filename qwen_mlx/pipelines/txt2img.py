@@ -428,11 +428,9 @@ class QwenImagePipeline:
         return run(self.denoise_steps(latents, *args, **kwargs), latents, callback)
 
     def _non_finite_message(self, step: int, total: int) -> str:
-        msg = f"latents became non-finite (NaN/inf) at step {step}/{total}"
-        plan = self.precision_name
-        if plan in ("fp16", "mixed", "float16"):
-            return f"{msg} under the {plan!r} precision plan; try precision='bf16' or 'fp32'"
-        return f"{msg}; the inputs or the weights produce NaN/inf"
+        from qwen_mlx.messages import non_finite_message
+
+        return non_finite_message(step, total, self.precision_name, len(self.loras))
 
     # -- image inputs (img2img, inpaint, Edit's references)
 
