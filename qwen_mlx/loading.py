@@ -154,13 +154,14 @@ def hub_checkpoint(
     from qwen_mlx.convert import ConversionError, ConvertOptions, convert_checkpoint
 
     def download(local_only: bool) -> Path:
+        extra = {"local_files_only": True} if local_only else {}
         return Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
                 allow_patterns=HUB_PATTERNS,
                 cache_dir=cache_dir,
-                local_files_only=local_only,
+                **extra,
             )
         )
 
