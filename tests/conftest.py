@@ -18,3 +18,14 @@ def _qwen_mlx_cache(tmp_path_factory):
         os.environ.pop("QWEN_MLX_CACHE", None)
     else:
         os.environ["QWEN_MLX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory):
+    """(diffusers-layout source, converted float32 folder) of the tiny Qwen-Image checkpoint,
+    built once per session for tests that only need a working model."""
+    from helpers import convert_tiny
+    from tiny_pipeline import build_checkpoint
+
+    source = build_checkpoint(tmp_path_factory.mktemp("hf") / "qwen-image-tiny")[0]
+    return source, convert_tiny(source, tmp_path_factory.mktemp("mlx") / "qwen-image-tiny")

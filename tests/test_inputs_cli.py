@@ -7,9 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import convert_tiny
 from PIL import Image
-from tiny_pipeline import build_checkpoint
 from typer.testing import CliRunner
 
 from qwen_mlx.cli import app
@@ -19,9 +17,8 @@ SMALL = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    source = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")[0]
-    return convert_tiny(source, tmp_path_factory.mktemp("mlx") / "tiny")
+def model(tiny_qwen_image):
+    return tiny_qwen_image[1]
 
 
 def generate(model, *args, env=None):

@@ -15,7 +15,6 @@ from helpers import convert_tiny
 from PIL import Image
 from test_inputs import write_png16
 from tiny_edit import TEST_CONDITION_AREA, TEST_VAE_AREA, build_edit_checkpoint
-from tiny_pipeline import build_checkpoint
 
 from qwen_mlx import QwenImageEditPipeline, cache
 from qwen_mlx.lora import LoraError
@@ -26,15 +25,13 @@ RUN = dict(width=W, height=H, num_inference_steps=3, seed=3, output_type="np")
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("hf") / "qwen-image-tiny")[0]
+def source(tiny_qwen_image):
+    return tiny_qwen_image[0]
 
 
 @pytest.fixture(scope="module")
-def pipe(source, tmp_path_factory):
-    return QwenImagePipeline.from_pretrained(
-        convert_tiny(source, tmp_path_factory.mktemp("mlx") / "qwen-image-tiny")
-    )
+def pipe(tiny_qwen_image):
+    return QwenImagePipeline.from_pretrained(tiny_qwen_image[1])
 
 
 def photo(channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -121,9 +118,9 @@ def test_edit_deep_images_match_their_8_bit_twin(edit_pipe, tmp_path):
 
 
 def test_cache_that_is_a_file_generates_the_same_image_and_warns_once(
-    source, tmp_path, monkeypatch
+    tiny_qwen_image, tmp_path, monkeypatch
 ):
-    model = convert_tiny(source, tmp_path / "m")
+    model = tiny_qwen_image[1]
     expected = QwenImagePipeline.from_pretrained(model)("a cube", **RUN)
     (tmp_path / "file").write_text("")
     monkeypatch.setenv(cache.ENV, str(tmp_path / "file"))
