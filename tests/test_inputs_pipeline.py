@@ -149,6 +149,13 @@ def test_load_lora_checks_scale_and_values_when_it_loads(pipe, tmp_path):
     mx.save_safetensors(str(tmp_path / "nan.safetensors"), bad)
     with pytest.raises(LoraError, match=r"nan.safetensors: 1 LoRA tensor\(s\) hold NaN or inf"):
         pipe.load_lora(tmp_path / "nan.safetensors")
+    mx.save_safetensors(str(tmp_path / "good.safetensors"), good)
+    with pytest.raises(
+        LoraError, match="^LoRA scale for good.safetensors must be a number, got 'abc'"
+    ):
+        pipe.load_lora(tmp_path / "good.safetensors", "abc")
+    with pytest.raises(LoraError, match="must be finite, got inf"):
+        pipe.load_lora(tmp_path / "good.safetensors", float("inf"))
     assert pipe.loras == []
 
 
