@@ -16,7 +16,7 @@ from tiny_transformer import build_transformer, save_checkpoint
 
 from qwen_mlx.convert import ConversionError, ConvertOptions, convert_checkpoint
 from qwen_mlx.errors import CheckpointError
-from qwen_mlx.models.controlnet import QwenImageControlNet, check_compatible
+from qwen_mlx.models.controlnet import QwenImageControlNet, check_compatible, modulation_table
 from qwen_mlx.models.transformer import QwenImageTransformer
 from qwen_mlx.precision import PrecisionPlan
 
@@ -204,3 +204,29 @@ def test_widths_must_match_the_transformer(union):
     other = dict(build_transformer("diffusers").config)
     with pytest.raises(CheckpointError, match="inner width"):
         check_compatible(cn_config, other)
+
+
+@pytest.mark.parametrize("plan", ["fp16"])
+def test_adaln_table_equals_live_modulation(union, plan):
+    """The ControlNet's sigma-only vectors from the adaLN cache are bit-identical to the live
+    ones, and a ControlNet loaded without its modulation weights runs from them."""
+    _, ref_cn, _, _, src, dst = union
+    sigmas = mx.array([0.9, 0.5, 0.1])
+    for folder in (dst, src):  # converted, and a diffusers folder converted in memory
+        live = QwenImageControlNet.from_pretrained(folder, plan=plan)
+        table = modulation_table(folder, live.plan, sigmas)
+        assert len(table) == 3
+        lean = QwenImageControlNet.from_pretrained(folder, plan=plan)
+        lean.drop_modulation()
+        x, cond, enc, _ = tensors(1, 2, 4, T=3, cond_channels=16)
+        m = lambda a: mx.array(a.numpy())  # noqa: E731
+        for i in range(3):
+            want = live.modulation(sigmas[i : i + 1])
+            got = table[i].blocks
+            for (a, b), (c, d) in zip(got, want, strict=True):
+                assert mx.array_equal(a, c) and mx.array_equal(b, d)
+            args = (m(x), m(cond), 0.5, m(enc), None, None, [[(1, 2, 4)]])
+            r_live = live(*args[:5], sigmas[i : i + 1], args[6])
+            r_lean = lean(*args, modulation=got)
+            for a, b in zip(r_lean, r_live, strict=True):
+                assert mx.array_equal(a, b)

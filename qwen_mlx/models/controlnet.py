@@ -373,3 +373,36 @@ class QwenImageControlNet(nn.Module):
             x = img if c == 1.0 else img * (1.0 / c)
             residuals.append(run_linear(proj, x).astype(F32) * out_scale)
         return residuals
+
+
+# ----------------------------------------------------------------------------- adaLN table
+
+
+def modulation_table(
+    folder: str | Path,
+    plan: PrecisionPlan,
+    timesteps,
+    quantize: int | None = None,
+    cache=None,
+):
+    """The ControlNet's per-step modulation (``table[i].blocks``: each block's (img_mod,
+    txt_mod) at step i) for ``timesteps`` under ``plan``, from the adaLN cache or streamed
+    from the folder now (converted or not), exactly as the model computes it live."""
+    from qwen_mlx.adaln import AdaLNCache, cache_key, compute_modulation, weights_identity
+    from qwen_mlx.io import is_converted
+
+    folder = Path(folder)
+    config, weights = load_component(folder)  # lazy
+    cfg = ControlNetConfig.from_dict(config)
+    extra = {"component": "controlnet", "converted": is_converted(folder), "quantize": quantize}
+    key = cache_key(weights_identity(folder), plan, timesteps, "", extra)
+
+    def build():
+        stored = PrecisionPlan.from_config(config, cfg.num_layers)
+        mods = {k: v for k, v in weights.items() if MODULATION_WEIGHTS.match(k)}
+        quant = quantization_plan(quantize) if quantize else None
+        return compute_modulation(
+            cfg.block_config(), mods, stored, plan, timesteps, group_size_of(config), quant
+        )
+
+    return (cache or AdaLNCache()).get(key, build)
