@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -144,3 +145,124 @@ def _opencv():
             "(opencv-python-headless)"
         ) from None
     return cv2
+
+
+# ----------------------------------------------------------------------------- loading
+
+HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+
+
+def resolve(src, dtype: str = "bfloat16", revision: str | None = None) -> Path:
+    """A ControlNet folder: local (converted or diffusers' layout), or a hub id downloaded
+    with huggingface_hub and converted once into ``$QWEN_MLX_CACHE/controlnet``."""
+    from qwen_mlx.errors import ModelNotFoundError
+    from qwen_mlx.loading import cache_root, is_hub_id
+
+    if isinstance(src, (list, tuple)):
+        raise ValueError(MULTI_CONTROLNET_ERROR)
+    path = Path(src).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a ControlNet folder (no config.json)")
+        return path
+    if not is_hub_id(src):
+        raise ModelNotFoundError(f"no such ControlNet folder: {src}")
+    from huggingface_hub import snapshot_download
+
+    from qwen_mlx.convert import ConversionError, ConvertOptions, convert_checkpoint
+
+    try:
+        snapshot = Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise ModelNotFoundError(
+            f"{src}: no such folder, and cannot get it from the hub: {e}"
+        ) from e
+    dst = cache_root() / "controlnet" / str(src).replace("/", "--") / f"{snapshot.name}-{dtype}"
+    from qwen_mlx.io import is_converted
+
+    if not is_converted(dst):
+        try:
+            convert_checkpoint(snapshot, dst, ConvertOptions(dtype=dtype), force=True)
+        except ConversionError as e:
+            raise ConversionError(f"{src}: {e}") from e
+    return dst
+
+
+def read_config(folder: Path, transformer_config: dict, where: str) -> dict:
+    """The ControlNet's config.json, checked (class, widths against the transformer, weights'
+    shapes from the headers): every problem is a one-line error before anything loads."""
+    from qwen_mlx.errors import CheckpointError
+    from qwen_mlx.io import folder_tensors, read_json
+    from qwen_mlx.models.controlnet import check_compatible, is_controlnet_config
+    from qwen_mlx.shapes import check_component
+
+    config = read_json(folder / "config.json")
+    if not is_controlnet_config(config):
+        name = config.get("_class_name", "no _class_name")
+        raise CheckpointError(f"{where}: not a QwenImageControlNetModel ({name})")
+    check_compatible(config, transformer_config, where)
+    if "qwen_mlx" in config:  # converted: the shapes are in MLX naming already
+        shapes = {k: tuple(v.shape) for k, v in folder_tensors(folder).items()}
+        check_component("controlnet", config, shapes, f"{where}/config.json")
+    else:  # diffusers' layout: the converter's own check, on lazy stand-ins
+        from qwen_mlx.convert import ConvertOptions
+        from qwen_mlx.convert.convert import check_component_folder
+
+        check_component_folder(folder, ConvertOptions(dtype="float32"))
+    return config
+
+
+def plan_for(transformer_plan, num_layers: int, eps: float = 1e-6):
+    """The ControlNet's precision plan: the transformer's, by name, for its own depth."""
+    from qwen_mlx.precision import PrecisionPlan, make_plan
+
+    try:
+        return make_plan(transformer_plan.name, transformer_plan.variant, num_layers, eps)
+    except ValueError:  # a custom plan: its outer dtype throughout
+        return PrecisionPlan.uniform(transformer_plan.outer, num_layers, eps)
+
+
+# ----------------------------------------------------------------------------- per run
+
+
+class ControlRun:
+    """One run's ControlNet state: the model, the packed condition, the scale, which steps
+    run it, the sigmas and (with the adaLN cache) its per-step modulation.
+
+    ``residuals`` is what a denoising step calls: the ControlNet on the noisy latents and the
+    positive prompt, repeated over the CFG halves, or None outside the guidance window.
+    """
+
+    def __init__(
+        self,
+        model,
+        condition: mx.array,
+        scale: float,
+        start: float,
+        end: float,
+        timesteps: mx.array,
+        table=None,
+    ):
+        self.model, self.condition, self.scale = model, condition, float(scale)
+        self.timesteps = timesteps  # the sigmas the models receive, one per step
+        self.keep = keep(len(timesteps), start, end)
+        self.table = table
+
+    def residuals(
+        self,
+        i: int,
+        latents: mx.array,
+        embeds: mx.array,
+        mask: mx.array | None,
+        img_shapes,
+        repeat: int = 1,
+    ) -> list[mx.array] | None:
+        scale = self.scale * self.keep[i]
+        if scale == 0.0:
+            return None  # diffusers runs it with scale 0: zero residuals, the same result
+        B = latents.shape[0]
+        cond = mx.broadcast_to(self.condition, (B, *self.condition.shape[1:]))
+        mod = self.table[i].blocks if self.table is not None else None
+        t = self.timesteps[i : i + 1]
+        out = self.model(latents, cond, scale, embeds, mask, t, [list(img_shapes)] * B, mod)
+        return [mx.concatenate([r] * repeat) for r in out] if repeat > 1 else out
