@@ -93,6 +93,8 @@ def test_union_matches_diffusers(tiny, pipe, cfg, scale, start, end, steps):
     expected = reference(QwenImageControlNetPipeline, ref, nets["union"], latents=latents, **kw)
     got = pipe(latents=latents.numpy(), output_type="np", **kw)
     assert got.shape == expected.shape == (1, h, w, 3)
+    diff = np.abs(got - expected).max()
+    print(f"union cfg={cfg} window=({start}, {end}): max |ours - diffusers| {diff:.2e}")
     assert np.abs(got - expected).max() <= IMAGE_TOL
     plain = pipe(
         "a red cube", negative_prompt=" ", true_cfg_scale=cfg, height=h, width=w,
@@ -117,4 +119,5 @@ def test_inpainting_matches_diffusers(tiny, pipe):
         QwenImageControlNetInpaintPipeline, ref, nets["inpaint"], latents=latents, **kw
     )
     got = pipe(latents=latents.numpy(), output_type="np", **kw)
+    print(f"inpainting: max |ours - diffusers| {np.abs(got - expected).max():.2e}")
     assert np.abs(got - expected).max() <= IMAGE_TOL
