@@ -14,6 +14,7 @@ from tiny_controlnet import build_controlnet, save_controlnet
 from tiny_pipeline import build_checkpoint
 
 from qwen_mlx import QwenImagePipeline
+from qwen_mlx.errors import CheckpointError
 
 if not hasattr(QwenImagePipeline, "load_controlnet"):  # until the pipeline integration lands
     pytest.skip("pipeline ControlNet integration pending", allow_module_level=True)
@@ -121,3 +122,35 @@ def test_inpainting_matches_diffusers(tiny, pipe):
     got = pipe(latents=latents.numpy(), output_type="np", **kw)
     print(f"inpainting: max |ours - diffusers| {np.abs(got - expected).max():.2e}")
     assert np.abs(got - expected).max() <= IMAGE_TOL
+
+
+def test_bad_input_is_one_line_before_anything_loads(tiny, tmp_path):
+    dst, _, _, cn_dir = tiny
+    pipe = QwenImagePipeline.from_pretrained(dst)  # fresh: nothing loaded
+    other = save_controlnet(build_controlnet("deeper"), tmp_path / "other-widths")
+    with pytest.raises(CheckpointError, match="inner width .* is 64, the transformer's is 48"):
+        pipe.load_controlnet(other)
+    with pytest.raises(ValueError, match="several ControlNets"):
+        pipe.load_controlnet([cn_dir / "union", cn_dir / "union"])
+    with pytest.raises(ValueError, match="needs a ControlNet"):
+        pipe("x", control_image=control_image(32, 32), height=32, width=32)
+    pipe.load_controlnet(cn_dir / "union")
+    kw = dict(height=32, width=32, num_inference_steps=2)
+    image = control_image(32, 32)
+    with pytest.raises(ValueError, match="cannot read control image"):
+        pipe("x", control_image=tmp_path / "missing.png", **kw)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read control image"):
+        pipe("x", control_image=tmp_path / "junk.png", **kw)
+    with pytest.raises(ValueError, match="control_mask goes with the Inpainting ControlNet"):
+        pipe("x", control_image=image, control_mask=image, **kw)
+    with pytest.raises(ValueError, match="control_guidance_start"):
+        pipe("x", control_image=image, control_guidance_start=0.6, control_guidance_end=0.5, **kw)
+    assert not pipe._components  # nothing was loaded for any of these
+    pipe.load_controlnet(cn_dir / "inpaint")
+    with pytest.raises(ValueError, match="needs control_mask"):
+        pipe("x", control_image=image, **kw)
+    pipe.unload_controlnet()
+    with pytest.raises(ValueError, match="needs a ControlNet"):
+        pipe("x", control_image=image, **kw)
+    assert not pipe._components
