@@ -230,3 +230,18 @@ def test_adaln_table_equals_live_modulation(union, plan):
             r_lean = lean(*args, modulation=got)
             for a, b in zip(r_lean, r_live, strict=True):
                 assert mx.array_equal(a, b)
+
+
+def test_cli_convert_standalone_controlnet(union, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    _, _, _, _, src, _ = union
+    res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "q4"), "--quantize", "4"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["_class_name"] == "QwenImageControlNetModel"
+    assert config["quantization"]["bits"] == 4 and config["qwen_mlx"]["dtype"] == "bfloat16"
+    assert not (tmp_path / "q4" / "model_index.json").exists()
+    QwenImageControlNet.from_pretrained(tmp_path / "q4")  # loads
