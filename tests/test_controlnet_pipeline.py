@@ -3,6 +3,8 @@ QwenImageControlNetInpaintPipeline on the tiny checkpoint, with tiny random Cont
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from tiny_controlnet import build_controlnet, save_controlnet
 from tiny_pipeline import build_checkpoint
 
 from qwen_mlx import QwenImagePipeline
+from qwen_mlx.control import canny
 from qwen_mlx.errors import CheckpointError
 
 if not hasattr(QwenImagePipeline, "load_controlnet"):  # until the pipeline integration lands
@@ -154,3 +157,72 @@ def test_bad_input_is_one_line_before_anything_loads(tiny, tmp_path):
     with pytest.raises(ValueError, match="needs a ControlNet"):
         pipe("x", control_image=image, **kw)
     assert not pipe._components
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_canny_then_generate(tiny, pipe, tmp_path):
+    pytest.importorskip("cv2")
+    dst, _, _, cn_dir = tiny
+    photo = np.zeros((32, 48, 3), np.uint8)
+    photo[8:24, 12:36] = 255
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    res = cli("control", "canny", tmp_path / "photo.png", "-o", tmp_path / "edges.png", "--low", 50)
+    assert res.exit_code == 0, res.output
+    edges = np.array(Image.open(tmp_path / "edges.png"))
+    assert edges.shape == (32, 48, 3) and edges.max() == 255 and edges[16, 24].max() == 0
+
+    out = tmp_path / "cn.png"
+    common = ["generate", "--model", dst, "-p", "a cube", "--width", 48, "--height", 32]
+    common += ["--steps", 2, "--seed", 3, "--cfg", 2.0]
+    res = cli(
+        *common, "--controlnet", cn_dir / "union", "--control-image", tmp_path / "photo.png",
+        "--control-preprocess", "canny", "--control-scale", 0.8, "--control-end", 0.5, "-o", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    im = Image.open(out)
+    meta = json.loads(im.text["qwen_mlx"])["controlnet"]
+    assert meta["controlnet"] == str(cn_dir / "union") and meta["preprocess"] == "canny"
+    assert (meta["scale"], meta["start"], meta["end"]) == (0.8, 0.0, 0.5)
+    assert "Control scale: 0.8" in im.text["parameters"]
+    # the same run through Python (--control-preprocess canny: the default thresholds)
+    pipe.load_controlnet(cn_dir / "union")
+    want = pipe(
+        "a cube", negative_prompt=" ", width=48, height=32, num_inference_steps=2, seed=3,
+        true_cfg_scale=2.0,
+        control_image=canny(Image.fromarray(photo)), controlnet_conditioning_scale=0.8,
+        control_guidance_end=0.5,
+    )[0]  # fmt: skip
+    assert np.array_equal(np.array(im.convert("RGB")), np.array(want))
+
+
+def test_cli_control_errors_are_one_line(tiny, tmp_path):
+    dst, _, _, cn_dir = tiny
+    base = ["generate", "--model", dst, "-p", "x", "--width", 32, "--height", 32, "--steps", 2]
+    image = tmp_path / "c.png"
+    control_image(32, 32).save(image)
+    cases = [
+        (["--control-image", image], "need --controlnet"),
+        (["--controlnet", cn_dir / "union", "--control-image", tmp_path / "no.png"],
+         "cannot read control image"),
+        (["--controlnet", cn_dir / "union", "--control-image", image, "--control-mask", image],
+         "control_mask goes with the Inpainting ControlNet"),
+        (["--controlnet", cn_dir / "union", "--control-image", image, "--control-start", 0.9,
+          "--control-end", 0.1], "control_guidance_start"),
+        (["--controlnet", tmp_path / "nowhere", "--control-image", image], "no such ControlNet"),
+    ]  # fmt: skip
+    for args, message in cases:
+        res = cli(*base, *args, "-o", tmp_path / "out.png")
+        assert res.exit_code == 2, res.output
+        assert res.output.startswith("error:") and message in res.output
+        assert res.output.count("\n") == 1  # one line
+    assert not (tmp_path / "out.png").exists()
