@@ -225,27 +225,41 @@ def plan_for(transformer_plan, num_layers: int, eps: float = 1e-6):
 # ----------------------------------------------------------------------------- per run
 
 
+def per_image(n: int, value, name: str) -> list[float]:
+    """A scalar for every one of ``n`` control images, or a list of exactly ``n``."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name} values for {n} control images")
+    return [float(v) for v in values]
+
+
 class ControlRun:
-    """One run's ControlNet state: the model, the packed condition, the scale, which steps
-    run it, the sigmas and (with the adaLN cache) its per-step modulation.
+    """One run's ControlNet state: the model, each condition (packed latents, scale, which
+    steps run it), the sigmas and (with the adaLN cache) its per-step modulation.
 
     ``residuals`` is what a denoising step calls: the ControlNet on the noisy latents and the
-    positive prompt, repeated over the CFG halves, or None outside the guidance window.
+    positive prompt, once per condition whose window holds the step, summed (diffusers'
+    single-ControlNet ``QwenImageMultiControlNetModel``), repeated over the CFG halves; None
+    when no condition runs at this step.
     """
 
     def __init__(
         self,
         model,
-        condition: mx.array,
-        scale: float,
-        start: float,
-        end: float,
+        conditions: list[mx.array],
+        scales: list[float],
+        starts: list[float],
+        ends: list[float],
         timesteps: mx.array,
         table=None,
     ):
-        self.model, self.condition, self.scale = model, condition, float(scale)
+        self.model = model
+        n = len(timesteps)
+        self.conditions = [
+            (cond, float(scale), keep(n, a, b))
+            for cond, scale, a, b in zip(conditions, scales, starts, ends, strict=True)
+        ]
         self.timesteps = timesteps  # the sigmas the models receive, one per step
-        self.keep = keep(len(timesteps), start, end)
         self.table = table
 
     def residuals(
@@ -257,12 +271,18 @@ class ControlRun:
         img_shapes,
         repeat: int = 1,
     ) -> list[mx.array] | None:
-        scale = self.scale * self.keep[i]
-        if scale == 0.0:
-            return None  # diffusers runs it with scale 0: zero residuals, the same result
         B = latents.shape[0]
-        cond = mx.broadcast_to(self.condition, (B, *self.condition.shape[1:]))
         mod = self.table[i].blocks if self.table is not None else None
         t = self.timesteps[i : i + 1]
-        out = self.model(latents, cond, scale, embeds, mask, t, [list(img_shapes)] * B, mod)
-        return [mx.concatenate([r] * repeat) for r in out] if repeat > 1 else out
+        total = None
+        for cond, scale, kept in self.conditions:
+            if scale * kept[i] == 0.0:
+                continue  # diffusers runs it with scale 0: zero residuals, the same sum
+            cond = mx.broadcast_to(cond, (B, *cond.shape[1:]))
+            out = self.model(
+                latents, cond, scale * kept[i], embeds, mask, t, [list(img_shapes)] * B, mod
+            )
+            total = out if total is None else [a + b for a, b in zip(total, out, strict=True)]
+        if total is None:
+            return None
+        return [mx.concatenate([r] * repeat) for r in total] if repeat > 1 else total

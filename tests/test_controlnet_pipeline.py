@@ -107,6 +107,30 @@ def test_union_matches_diffusers(tiny, pipe, cfg, scale, start, end, steps):
     assert np.abs(plain - got).max() > 0.02  # the ControlNet changes the image
 
 
+def test_several_conditions_match_diffusers(tiny, pipe):
+    """Two control images with one Union ControlNet: diffusers' QwenImageMultiControlNetModel
+    over a single ControlNet sums their residuals, each with its own scale and window."""
+    from diffusers import QwenImageMultiControlNetModel
+
+    dst, ref, nets, cn_dir = tiny
+    pipe.load_controlnet(cn_dir / "union")
+    h, w = 32, 32
+    kw = dict(
+        prompt="a red cube", negative_prompt=" ", true_cfg_scale=2.5, height=h, width=w,
+        num_inference_steps=3, control_image=[control_image(h, w, 2), control_image(h, w, 3)],
+        controlnet_conditioning_scale=[0.6, 0.9], control_guidance_end=[1.0, 0.5],
+    )  # fmt: skip
+    latents = noise(h, w, 2)
+    multi = QwenImageMultiControlNetModel([nets["union"]])
+    expected = reference(QwenImageControlNetPipeline, ref, multi, latents=latents, **kw)
+    got = pipe(latents=latents.numpy(), output_type="np", **kw)
+    diff = np.abs(got - expected).max()
+    print(f"two conditions: max |ours - diffusers| {diff:.2e}")
+    assert diff <= IMAGE_TOL
+    with pytest.raises(ValueError, match="3 controlnet_conditioning_scale values for 2"):
+        pipe(**{**kw, "controlnet_conditioning_scale": [1, 1, 1]})
+
+
 def test_inpainting_matches_diffusers(tiny, pipe):
     dst, ref, nets, cn_dir = tiny
     pipe.load_controlnet(cn_dir / "inpaint")
