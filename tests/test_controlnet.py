@@ -245,3 +245,25 @@ def test_cli_convert_standalone_controlnet(union, tmp_path):
     assert config["quantization"]["bits"] == 4 and config["qwen_mlx"]["dtype"] == "bfloat16"
     assert not (tmp_path / "q4" / "model_index.json").exists()
     QwenImageControlNet.from_pretrained(tmp_path / "q4")  # loads
+
+
+def test_quantize_at_load_is_the_converted_checkpoint(union, tmp_path):
+    """pipeline(quantize=8) quantizes a float ControlNet as it loads: the very weights
+    ``convert --quantize 8`` writes; its adaLN table matches its live modulation."""
+    from qwen_mlx.loading import load_component
+
+    _, _, _, _, src, dst = union
+    conv = QwenImageControlNet.from_pretrained(
+        convert_checkpoint(src, tmp_path / "q8", ConvertOptions(dtype="float32", quantize=8))
+    )
+    config, weights = load_component(dst)
+    at_load = QwenImageControlNet.from_weights(config, weights, quantize=8)
+    assert isinstance(at_load.blocks[0].img_mlp.up, nn.QuantizedLinear)
+    x, cond, enc, _ = tensors(1, 2, 3, T=3, cond_channels=16)
+    m = lambda a: mx.array(a.numpy())  # noqa: E731
+    args = (m(x), m(cond), 1.0, m(enc), None, mx.array([0.3]), [[(1, 2, 3)]])
+    for a, b in zip(at_load(*args), conv(*args), strict=True):
+        assert mx.array_equal(a, b)
+    table = modulation_table(dst, at_load.plan, mx.array([0.3]), quantize=8)
+    for (a, b), (c, d) in zip(table[0].blocks, at_load.modulation(mx.array([0.3])), strict=True):
+        assert mx.array_equal(a, c) and mx.array_equal(b, d)

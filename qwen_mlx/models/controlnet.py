@@ -48,6 +48,7 @@ from qwen_mlx.quantize import (
     QuantizationPlan,
     group_size_of,
     quantize_model,
+    quantize_stream,
     transformer_plan,
 )
 
@@ -226,9 +227,12 @@ class QwenImageControlNet(nn.Module):
         variant: str | None = None,
         where: str = "controlnet",
         modulation: bool = True,
+        quantize: int | None = None,
     ) -> QwenImageControlNet:
         """Build from a converted config and MLX-named weights, then apply ``plan`` (folding
-        unfolded weights for it; weights folded for another plan are refused)."""
+        unfolded weights for it; weights folded for another plan are refused). ``quantize``
+        (4 or 8): quantize float weights as they load, folded and cast for ``plan`` first
+        (what ``convert --quantize`` writes); a quantized checkpoint loads as it is."""
         model = cls(ControlNetConfig.from_dict(config))
         n = model.config.num_layers
         if not modulation:
@@ -238,6 +242,22 @@ class QwenImageControlNet(nn.Module):
         if isinstance(plan, str):
             variant = stored.variant or variant or config.get("qwen_mlx", {}).get("variant")
             plan = resolve_plan(plan, n, variant, model.config.eps)
+        if quantize and not any(k.endswith(".scales") for k in weights):
+            target = plan or stored
+            if stored.folded and not stored.same_folds(target):
+                raise ValueError(
+                    f"{where}: folded for {stored.name!r}, cannot quantize for another"
+                )
+            fold = not stored.same_folds(target)
+            qplan = quantization_plan(quantize, group_size_of(config))
+            weights = quantize_stream(
+                dict(weights),
+                lambda path, shape: qplan.bits_for(path, shape, n),
+                qplan.group_size,
+                prepare=lambda name, w: controlnet_weight(name, w, target, fold),
+            )
+            config = {**config, "quantization": {"group_size": qplan.group_size}}
+            stored = target
         try:
             quantize_model(model, weights, group_size_of(config))
         except ValueError as e:
