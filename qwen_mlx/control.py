@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.errors import QwenMLXError, RequestError
 
 # The Union ControlNet's recommended scales (InstantX model card); the default is diffusers' 1.0.
 DEFAULT_SCALE = 1.0
@@ -41,16 +41,16 @@ def check_window(start: float, end: float) -> None:
     """The guidance window must be a non-empty part of [0, 1]."""
     for name, value in (("control_guidance_start", start), ("control_guidance_end", end)):
         if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
+            raise RequestError(f"{name} must be in [0, 1], got {value}")
     if start >= end:
-        raise ValueError(
+        raise RequestError(
             f"control_guidance_start ({start}) must be below control_guidance_end ({end})"
         )
 
 
 def check_scale(scale: float) -> None:
     if not np.isfinite(scale):
-        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale}")
+        raise RequestError(f"controlnet_conditioning_scale must be a finite number, got {scale}")
 
 
 def keep(num_steps: int, start: float, end: float) -> list[float]:
@@ -101,14 +101,14 @@ def inpaint_condition(
     image's latents and the kept area (1 - mask) at latent resolution."""
     m = mask_pixels(mask, width, height)
     if not m.any():
-        raise ValueError("the control mask has no white (repaint) area")
+        raise RequestError("the control mask has no white (repaint) area")
     x = pixels(image, width, height)
     masked = mx.where(mx.array(m > 0.5)[None, :, :, None], -1.0, x)
     z = encode(masked).astype(mx.float32)
     keep_area = 1.0 - m[::scale, ::scale]  # nearest-neighbour down-sampling
     keep_area = mx.array(keep_area)[None, :, :, None]
     if keep_area.shape[1:3] != z.shape[1:3]:
-        raise ValueError(f"mask at latent size {keep_area.shape[1:3]} != latents {z.shape[1:3]}")
+        raise RequestError(f"mask at latent size {keep_area.shape[1:3]} != latents {z.shape[1:3]}")
     return pack(mx.concatenate([z, keep_area], axis=-1))
 
 
@@ -121,7 +121,7 @@ def canny(image, low: int = CANNY_LOW, high: int = CANNY_HIGH):
 
     cv2 = _opencv()
     if not (0 <= low <= high):
-        raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got {low}, {high}")
+        raise RequestError(f"canny thresholds must satisfy 0 <= low <= high, got {low}, {high}")
     gray = np.asarray(image.convert("L"))
     edges = cv2.Canny(gray, int(low), int(high))
     return Image.fromarray(edges).convert("RGB")
@@ -129,7 +129,7 @@ def canny(image, low: int = CANNY_LOW, high: int = CANNY_HIGH):
 
 def preprocess(name: str, image, **kw):
     if name not in PREPROCESSORS:
-        raise ValueError(
+        raise RequestError(
             f"unknown control preprocessor {name!r}; choose {', '.join(PREPROCESSORS)} (depth "
             "and pose need models of their own: pass an already preprocessed image)"
         )
@@ -159,7 +159,7 @@ def resolve(src, dtype: str = "bfloat16", revision: str | None = None) -> Path:
     from qwen_mlx.loading import cache_root, is_hub_id
 
     if isinstance(src, (list, tuple)):
-        raise ValueError(MULTI_CONTROLNET_ERROR)
+        raise RequestError(MULTI_CONTROLNET_ERROR)
     path = Path(src).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -229,8 +229,26 @@ def per_image(n: int, value, name: str) -> list[float]:
     """A scalar for every one of ``n`` control images, or a list of exactly ``n``."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
-        raise ValueError(f"{len(values)} {name} values for {n} control images")
+        raise RequestError(f"{len(values)} {name} values for {n} control images")
     return [float(v) for v in values]
+
+
+def checked(
+    n: int,
+    scale,
+    start,
+    end,
+    names=("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"),
+):
+    """(scales, starts, ends) for ``n`` control images, each checked (one-line errors)."""
+    scales = per_image(n, scale, names[0])
+    starts = per_image(n, start, names[1])
+    ends = per_image(n, end, names[2])
+    for s in scales:
+        check_scale(s)
+    for a, b in zip(starts, ends, strict=True):
+        check_window(a, b)
+    return scales, starts, ends
 
 
 class ControlRun:
@@ -286,3 +304,15 @@ class ControlRun:
         if total is None:
             return None
         return [mx.concatenate([r] * repeat) for r in total] if repeat > 1 else total
+
+    def kwargs(self, den):
+        """The ``Denoiser.transformer_kwargs`` hook: step i's residuals from the noisy latents
+        (the first ``den.batch`` rows of the model input) and the positive prompt."""
+
+        def extra(i: int, x: mx.array) -> dict:
+            embeds, mask = den.prompt
+            repeat = 2 if den.cfg else 1
+            res = self.residuals(i, x[: den.batch], embeds, mask, den.img_shapes, repeat)
+            return {} if res is None else {"controlnet_block_samples": res}
+
+        return extra

@@ -19,9 +19,6 @@ from qwen_mlx import QwenImagePipeline
 from qwen_mlx.control import canny
 from qwen_mlx.errors import CheckpointError
 
-if not hasattr(QwenImagePipeline, "load_controlnet"):  # until the pipeline integration lands
-    pytest.skip("pipeline ControlNet integration pending", allow_module_level=True)
-
 # float32 end to end, image in [0, 1]: as the plain pipeline's parity (half a uint8 level).
 IMAGE_TOL = 2e-3
 
@@ -173,14 +170,14 @@ def test_bad_input_is_one_line_before_anything_loads(tiny, tmp_path):
         pipe("x", control_image=image, control_mask=image, **kw)
     with pytest.raises(ValueError, match="control_guidance_start"):
         pipe("x", control_image=image, control_guidance_start=0.6, control_guidance_end=0.5, **kw)
-    assert not pipe._components  # nothing was loaded for any of these
+    assert not pipe.components.loaded()  # nothing was loaded for any of these
     pipe.load_controlnet(cn_dir / "inpaint")
     with pytest.raises(ValueError, match="needs control_mask"):
         pipe("x", control_image=image, **kw)
     pipe.unload_controlnet()
     with pytest.raises(ValueError, match="needs a ControlNet"):
         pipe("x", control_image=image, **kw)
-    assert not pipe._components
+    assert not pipe.components.loaded()
 
 
 # ----------------------------------------------------------------------------- command line

@@ -426,3 +426,46 @@ def modulation_table(
         )
 
     return (cache or AdaLNCache()).get(key, build)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def weight_bytes(
+    folder: str | Path, plan: PrecisionPlan, adaln_cache: bool, quantize: int | None = None
+) -> int:
+    """Bytes the ControlNet of ``folder`` occupies once loaded under ``plan`` (headers only):
+    without its modulation under the adaLN cache, quantized at load if ``quantize``."""
+    from qwen_mlx.io import folder_tensors, is_converted
+    from qwen_mlx.memory import FLOAT_DTYPES
+    from qwen_mlx.memory import weight_bytes as count
+    from qwen_mlx.naming import TRANSFORMER_RULES, rename
+
+    folder = Path(folder)
+    converted = is_converted(folder)
+    tensors = {
+        (k if converted else rename(k, TRANSFORMER_RULES)): v
+        for k, v in folder_tensors(folder).items()
+    }
+    if adaln_cache:
+        tensors = {k: v for k, v in tensors.items() if not MODULATION_WEIGHTS.match(k)}
+    bits_of = None
+    already = any(v.dtype not in FLOAT_DTYPES for v in tensors.values())
+    if quantize and not already:
+        qplan = quantization_plan(quantize)
+        n = len({k.split(".")[1] for k in tensors if k.startswith("blocks.")})
+
+        def bits_of(name, info):
+            return qplan.bits_for(name.rsplit(".", 1)[0], info.shape, n)
+
+    return count(tensors, lambda name: controlnet_dtype(plan, name).size, None, 64, bits_of)
+
+
+def residual_bytes(
+    config: dict, width: int, height: int, scale: int, batch: int = 1, cfg: bool = True
+) -> int:
+    """The residuals one step holds (float32, one per block, doubled under true CFG)."""
+    cfg_ = ControlNetConfig.from_dict(config)
+    tokens = (height // scale // 2) * (width // scale // 2)
+    rows = batch * (2 if cfg else 1) + batch  # the CFG copy and the ControlNet's own
+    return cfg_.num_layers * rows * tokens * cfg_.inner_dim * 4
