@@ -52,6 +52,7 @@ class GenerationRequest:
     mask_name: str | None = field(default=None, compare=False)
     control_image_names: tuple[str, ...] = field(default=(), compare=False)
     control_mask_name: str | None = field(default=None, compare=False)
+    control_preprocessed: bool = field(default=False, compare=False)  # prepare ran it once
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, int):

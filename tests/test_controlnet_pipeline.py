@@ -211,9 +211,10 @@ def test_cli_canny_then_generate(tiny, pipe, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     im = Image.open(out)
-    meta = json.loads(im.text["qwen_mlx"])["controlnet"]
+    meta = json.loads(im.text["qwen_mlx"])["control"]
     assert meta["controlnet"] == str(cn_dir / "union") and meta["preprocess"] == "canny"
     assert (meta["scale"], meta["start"], meta["end"]) == (0.8, 0.0, 0.5)
+    assert meta["images"] == ["photo.png"] and meta["mask"] is None
     assert "Control scale: 0.8" in im.text["parameters"]
     # the same run through Python (--control-preprocess canny: the default thresholds)
     pipe.load_controlnet(cn_dir / "union")

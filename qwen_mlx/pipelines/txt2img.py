@@ -560,12 +560,14 @@ class QwenImagePipeline:
         req = req.replace(images=images, mask=mask)
         if req.control_images or req.control_mask is not None:
             controls = [img2img.as_pil(im, "control image") for im in req.control_images]
-            if req.control_preprocess:
+            if req.control_preprocess and not req.control_preprocessed:  # once: idempotent
                 controls = [control.preprocess(req.control_preprocess, im) for im in controls]
             cmask = req.control_mask
             cmask = img2img.as_pil(cmask, "control mask") if cmask is not None else None
             self.check_control(controls, cmask)
-            req = req.replace(control_images=tuple(controls), control_mask=cmask)
+            req = req.replace(
+                control_images=tuple(controls), control_mask=cmask, control_preprocessed=True
+            )
         width, height = self.request_size(req)
         steps = self.default_steps if req.steps is None else req.steps
         req = req.replace(
