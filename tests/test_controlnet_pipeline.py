@@ -248,3 +248,30 @@ def test_cli_control_errors_are_one_line(tiny, tmp_path):
         assert res.output.startswith("error:") and message in res.output
         assert res.output.count("\n") == 1  # one line
     assert not (tmp_path / "out.png").exists()
+
+
+def test_memory_plan_prices_the_controlnet(tiny, pipe):
+    """The estimate holds the ControlNet's weights as loaded (no modulation under the adaLN
+    cache) and its residuals while denoising; a request without control images, neither."""
+    from mlx.utils import tree_flatten
+
+    from qwen_mlx import GenerationRequest
+
+    _, _, _, cn_dir = tiny
+    pipe.load_controlnet(cn_dir / "union")
+    req = GenerationRequest(
+        prompt="x",
+        width=32,
+        height=48,
+        steps=2,
+        seeds=(1,),
+        control_images=(control_image(48, 32),),
+    )
+    req = pipe.prepare(req)
+    est = pipe.memory_estimate(req)
+    loaded = sum(v.nbytes for _, v in tree_flatten(pipe.controlnet.parameters()))
+    assert est.weights["controlnet"] == loaded
+    plain = pipe.memory_estimate(req.replace(control_images=()))
+    assert "controlnet" not in plain.weights
+    residuals = 1 * 3 * (32 // 8) * (48 // 8) * 48 * 4  # 1 block, cond + CFG copy + own, f32
+    assert est.stages["denoise"] - plain.stages["denoise"] == loaded + residuals
