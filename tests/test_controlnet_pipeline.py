@@ -275,3 +275,18 @@ def test_memory_plan_prices_the_controlnet(tiny, pipe):
     assert "controlnet" not in plain.weights
     residuals = 1 * 3 * (32 // 8) * (48 // 8) * 48 * 4  # 1 block, cond + CFG copy + own, f32
     assert est.stages["denoise"] - plain.stages["denoise"] == loaded + residuals
+
+
+def test_beside_img2img(tiny, pipe):
+    """img2img keeps the last steps; the guidance window counts the steps that run."""
+    _, _, _, cn_dir = tiny
+    pipe.load_controlnet(cn_dir / "union")
+    kw = dict(
+        height=32, width=32, num_inference_steps=4, strength=0.5, seed=2, output_type="np",
+        image=control_image(32, 32, 7),
+    )  # fmt: skip
+    plain = pipe("a cube", **kw)
+    cn = pipe("a cube", control_image=control_image(32, 32, 8), **kw)
+    late = pipe("a cube", control_image=control_image(32, 32, 8), control_guidance_start=0.5, **kw)
+    assert np.abs(cn - plain).max() > 0.02
+    assert np.abs(late - plain).max() > 0.02 and np.abs(late - cn).max() > 0.005
