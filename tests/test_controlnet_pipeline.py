@@ -242,6 +242,9 @@ def test_cli_control_errors_are_one_line(tiny, tmp_path):
           "--control-end", 0.1], "control_guidance_start"),
         (["--controlnet", tmp_path / "nowhere", "--control-image", image], "no such ControlNet"),
     ]  # fmt: skip
+    res = cli(*base, "--controlnet", cn_dir / "union", "--control-image", image, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "; ControlNet " in res.output and "transformer + controlnet weights" in res.output
     for args, message in cases:
         res = cli(*base, *args, "-o", tmp_path / "out.png")
         assert res.exit_code == 2, res.output
