@@ -27,8 +27,6 @@ import numpy as np
 
 from qwen_mlx.errors import QwenMLXError, RequestError
 
-# The Union ControlNet's recommended scales (InstantX model card); the default is diffusers' 1.0.
-DEFAULT_SCALE = 1.0
 CANNY_LOW, CANNY_HIGH = 100, 200
 PREPROCESSORS = ("canny",)
 MULTI_CONTROLNET_ERROR = (
