@@ -42,10 +42,28 @@ from qwen_mlx.precision import PLAN_NAMES, component_dtype
 from qwen_mlx.shapes import ConfigMismatchError, check_component
 from qwen_mlx.variants import normalize_variant
 
+# A pipeline's controlnet/ folder, or a standalone ControlNet folder (see ``component_name``).
+CONVERTED = (*CONVERTED_COMPONENTS, "controlnet")
+
+
+def component_name(folder: Path) -> str:
+    """The component a folder holds: "controlnet" for a ControlNet config (whatever the
+    folder's name), else the folder's name."""
+    config = Path(folder) / "config.json"
+    if folder.name not in CONVERTED and config.is_file():
+        from qwen_mlx.models.controlnet import is_controlnet_config
+
+        try:
+            if is_controlnet_config(json.loads(config.read_text())):
+                return "controlnet"
+        except (OSError, ValueError):
+            pass
+    return folder.name
+
 
 def component_module(name: str) -> ModuleType | None:
     """The converter module for a component folder, or None if it is copied as is."""
-    if name not in CONVERTED_COMPONENTS:
+    if name not in CONVERTED:
         return None
     try:
         return importlib.import_module(f"{__package__}.{name}")
@@ -65,7 +83,7 @@ def _converted_config(module: ModuleType, config: dict, options: ConvertOptions,
 
 def _prepared(folder: Path, options: ConvertOptions) -> tuple[ModuleType, dict, ConvertOptions]:
     """(converter module, source config, options completed for this component)."""
-    module = component_module(folder.name)
+    module = component_module(component_name(folder))
     if module is None:
         raise ConversionError(f"no converter for component {folder.name!r}")
     config = read_json(folder / "config.json")
@@ -120,7 +138,7 @@ def check_component_folder(folder: Path, options: ConvertOptions) -> None:
             raise ConversionError(f"{shard}: {e}") from e
         shapes.update({k: tuple(v.shape) for k, v in converted.items()})
     try:
-        check_component(folder.name, out_config, shapes, str(folder / "config.json"))
+        check_component(component_name(folder), out_config, shapes, str(folder / "config.json"))
     except ConfigMismatchError as e:
         raise ConversionError(str(e)) from e
 
@@ -172,7 +190,8 @@ def convert_checkpoint(
     force: bool = False,
     log=None,
 ) -> Path:
-    """Convert a diffusers-layout checkpoint folder ``src`` into ``dst`` atomically.
+    """Convert a diffusers-layout checkpoint folder ``src`` (or a standalone ControlNet folder,
+    recognised by its config) into ``dst`` atomically.
 
     Everything that can be checked is checked before anything is written (options, source
     layout, each config against its weights' shapes, what DST is); see ``destination`` for
@@ -185,17 +204,33 @@ def convert_checkpoint(
         raise ConversionError(f"source checkpoint not found: {src}")
     if is_converted(src):
         raise ConversionError(f"{src} is already a qwen-mlx checkpoint")
-    index = read_json(src / "model_index.json")
-    destination.check_destination(src, dst, force)
-    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
-    for name in components:
-        if not (src / name).is_dir():
-            raise ConversionError(f"missing component folder: {src / name}")
-    children = [c for c in sorted(src.iterdir()) if c.name != "model_index.json"]
-    children = [c for c in children if not c.name.startswith(".")]
-    for child in children:
-        if child.is_dir() and component_module(child.name) is not None:
-            check_component_folder(child, options)
+    if not (src / "model_index.json").is_file() and component_name(src) == "controlnet":
+        # A standalone ControlNet folder (config.json + weights): converted as one component.
+        destination.check_destination(src, dst, force)
+        check_component_folder(src, options)
+
+        def write(tmp: Path) -> None:
+            log(f"converting the ControlNet {src.name}")
+            convert_component(src, tmp, options)
+            for extra in sorted(src.iterdir()):  # README, licence, example images
+                if extra.is_file() and extra.suffix not in (".safetensors", ".json", ".bin"):
+                    shutil.copy2(extra, tmp / extra.name)
+
+    else:
+        index = read_json(src / "model_index.json")
+        destination.check_destination(src, dst, force)
+        components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+        for name in components:
+            if not (src / name).is_dir():
+                raise ConversionError(f"missing component folder: {src / name}")
+        children = [c for c in sorted(src.iterdir()) if c.name != "model_index.json"]
+        children = [c for c in children if not c.name.startswith(".")]
+        for child in children:
+            if child.is_dir() and component_module(child.name) is not None:
+                check_component_folder(child, options)
+
+        def write(tmp: Path) -> None:
+            _write(src, children, tmp, index, options, log)
 
     try:
         created = destination.make_parents(dst.parent)
@@ -207,7 +242,7 @@ def convert_checkpoint(
             destination.check_destination(src, dst, force)  # again, now that DST is ours
             tmp = destination.make_temp(dst)
             try:
-                _write(src, children, tmp, index, options, log)
+                write(tmp)
                 destination.finish(tmp, dst, force, log)
             except BaseException:
                 if tmp.exists():

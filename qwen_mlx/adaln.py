@@ -175,8 +175,11 @@ def compute_modulation(
             blocks[step].append((run_linear(img_mod, t), run_linear(txt_mod, t)))
         mx.eval([m for step in blocks for m in step[i]])
         del img_mod, txt_mod  # this block's weights go before the next block's are read
-    norm = layer("norm_out.linear")
-    outs = [run_linear(norm, t) for t in temb_act]
+    if any(k.startswith("norm_out.linear.") for k in weights):
+        norm = layer("norm_out.linear")
+        outs = [run_linear(norm, t) for t in temb_act]
+    else:  # a ControlNet: blocks only, no output norm
+        outs = [mx.zeros((1, 0), dtype=mx.float32) for _ in temb_act]
     mx.eval(outs)
     return [Modulation(b, o) for b, o in zip(blocks, outs, strict=True)]
 

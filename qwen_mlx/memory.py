@@ -35,8 +35,8 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 COMPONENTS = ("text_encoder", "transformer", "vae")
 STAGES: dict[str, tuple[str, ...]] = {
     "encode": ("text_encoder",),
-    "denoise": ("transformer",),
-    "decode": ("vae", "transformer"),  # low_memory frees the transformer first
+    "denoise": ("transformer", "controlnet"),
+    "decode": ("vae", "transformer", "controlnet"),  # low_memory frees both first
 }
 # Activation factors measured by scripts/measure_memory.py on a CPU (where convolutions unfold
 # their inputs, so they are upper bounds for Metal), rounded up; see the closing note.
@@ -79,6 +79,8 @@ class Request:
     vae_tile: int | None = 128  # VAE decode tile side in latent pixels (None: untiled)
     adaln_cache: bool = False  # modulation precomputed: its weights are never loaded
     text_encoder_bits: int | None = None  # language model quantized on load to this many bits
+    controlnet_weights: int = 0  # a ControlNet's bytes once loaded (Components prices it)
+    controlnet_activations: int = 0  # its residuals, held through the transformer's forward
 
 
 @dataclass
@@ -299,6 +301,9 @@ def estimate(
             base_dim, request.height, request.width, vae_size, request.vae_tile, scale
         ),
     }
+    if request.controlnet_weights:
+        weights["controlnet"] = request.controlnet_weights
+        activations["denoise"] += request.controlnet_activations
     return Estimate(weights, activations, request)
 
 

@@ -21,6 +21,12 @@ def parameters_text(params: dict) -> str:
     if params.get("loras"):
         loras = " ".join(f"{x['name']}:{x['scale']:g}" for x in params["loras"])
         extra += f"LoRAs: {loras}, "
+    if params.get("control"):
+        c = params["control"]
+        extra += (
+            f"ControlNet: {c.get('controlnet')}, Control image: {', '.join(c['images'])}, "
+            f"Control scale: {c['scale']}, Control window: {c['start']}-{c['end']}, "
+        )
     if params.get("strength") is not None:
         extra += f"Denoising strength: {params['strength']}, "
         extra += "Mode: inpaint, " if params.get("mask") else "Mode: img2img, "

@@ -38,9 +38,21 @@ class GenerationRequest:
     strength: float | None = None
     sigmas: tuple[float, ...] | None = None
     low_memory: bool = False
+    # ControlNet (the pipeline's loaded one): control images (several = several conditions of
+    # one Union ControlNet), their scale/window (one value or one per image), the Inpainting
+    # ControlNet's mask, a preprocessor run on the images first ("canny")
+    control_images: tuple = ()
+    control_scale: float | tuple[float, ...] = 1.0
+    control_start: float | tuple[float, ...] = 0.0
+    control_end: float | tuple[float, ...] = 1.0
+    control_mask: object = None
+    control_preprocess: str | None = None
     # names of the input files for the metadata (filled from paths when not given)
     image_names: tuple[str, ...] = field(default=(), compare=False)
     mask_name: str | None = field(default=None, compare=False)
+    control_image_names: tuple[str, ...] = field(default=(), compare=False)
+    control_mask_name: str | None = field(default=None, compare=False)
+    control_preprocessed: bool = field(default=False, compare=False)  # prepare ran it once
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, int):
@@ -53,6 +65,17 @@ class GenerationRequest:
             object.__setattr__(self, "image_names", tuple(_name(im) for im in self.images))
         if self.mask_name is None and self.mask is not None:
             object.__setattr__(self, "mask_name", _name(self.mask))
+        if not isinstance(self.control_images, (tuple, list)):
+            object.__setattr__(self, "control_images", (self.control_images,))
+        object.__setattr__(self, "control_images", tuple(self.control_images))
+        for key in ("control_scale", "control_start", "control_end"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+        if not self.control_image_names and self.control_images:
+            names = tuple(_name(im) for im in self.control_images)
+            object.__setattr__(self, "control_image_names", names)
+        if self.control_mask_name is None and self.control_mask is not None:
+            object.__setattr__(self, "control_mask_name", _name(self.control_mask))
 
     @property
     def cfg_on(self) -> bool:
@@ -100,7 +123,25 @@ class GenerationRequest:
                 raise RequestError(f"{name('strength')} must be in [0, 1], got nan")
         if self.sigmas is not None and self.steps is not None:
             checks.check_sigmas(list(self.sigmas), self.steps)
+        self._validate_control(name)
         return self
+
+    def _validate_control(self, name) -> None:
+        from qwen_mlx import control
+
+        if not self.control_images:
+            if self.control_mask is not None:
+                raise RequestError(f"{name('control_mask')} needs a control image")
+            if self.control_preprocess is not None:
+                raise RequestError(f"{name('control_preprocess')} needs a control image")
+            return
+        names = (name("control_scale"), name("control_start"), name("control_end"))
+        control.checked(
+            len(self.control_images), self.control_scale, self.control_start, self.control_end,
+            names,
+        )  # fmt: skip
+        if self.control_preprocess not in (None, *control.PREPROCESSORS):
+            control.preprocess(self.control_preprocess, None)  # the one-line refusal
 
     def replace(self, **changes) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -126,6 +167,15 @@ class GenerationRequest:
         meta["image"] = self.image_names[0] if self.images else None
         meta["strength"] = self.strength
         meta["mask"] = self.mask_name
+        if self.control_images:
+            meta["control"] = {
+                "images": [Path(n).name for n in self.control_image_names],
+                "scale": self.control_scale,
+                "start": self.control_start,
+                "end": self.control_end,
+                "mask": Path(self.control_mask_name).name if self.control_mask_name else None,
+                "preprocess": self.control_preprocess,
+            }
         return meta
 
 

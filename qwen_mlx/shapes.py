@@ -47,6 +47,13 @@ IMPLIED: dict[str, tuple[Implied, ...]] = {
         Implied("in_channels", "img_in.weight", 1),
         Implied("joint_attention_dim", "txt_in.weight", 1),
     ),
+    "controlnet": (
+        Implied("num_layers", r"^blocks\.(\d+)\."),
+        Implied("attention_head_dim", "blocks.0.attn.norm_q.weight", 0),
+        Implied("num_attention_heads", "img_in.weight", 0, per="attention_head_dim"),
+        Implied("in_channels", "img_in.weight", 1),
+        Implied("joint_attention_dim", "txt_in.weight", 1),
+    ),
     "vae": (
         Implied("z_dim", "post_quant_conv.weight", 0),
         Implied("base_dim", "encoder.conv_in.weight", 0),
@@ -61,6 +68,10 @@ IMPLIED: dict[str, tuple[Implied, ...]] = {
 
 
 def _config_class(component: str):
+    if component == "controlnet":
+        from .models.controlnet import ControlNetConfig
+
+        return ControlNetConfig
     if component == "transformer":
         from .models.transformer import TransformerConfig
 
@@ -112,6 +123,10 @@ def _skeleton(component: str, config: dict) -> tuple[str, Shapes]:
         from .models.transformer import QwenImageTransformer, TransformerConfig
 
         model, prefix = QwenImageTransformer(TransformerConfig.from_dict(config)), ""
+    elif component == "controlnet":
+        from .models.controlnet import ControlNetConfig, QwenImageControlNet
+
+        model, prefix = QwenImageControlNet(ControlNetConfig.from_dict(config)), ""
     elif component == "vae":
         from .models.vae import QwenImageVAE, VAEConfig
 
@@ -130,7 +145,8 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 def check_component(component: str, config: dict, shapes: Shapes, where: str) -> None:
     """Raise ConfigMismatchError (one line, naming ``where``) unless ``config`` describes
-    ``shapes``. Components other than transformer, vae and text_encoder are not checked."""
+    ``shapes``. Components other than transformer, controlnet, vae and text_encoder are not
+    checked."""
     if component not in IMPLIED:
         return
     if "quantization" in config:  # packed 4/8-bit weights: check the shapes they stand for

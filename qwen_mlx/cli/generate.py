@@ -55,7 +55,35 @@ FLAGS = {
     "strength": "--strength",
     "width": "width",
     "height": "height",
+    "control_scale": "--control-scale",
+    "control_start": "--control-start",
+    "control_end": "--control-end",
+    "control_mask": "--control-mask",
+    "control_preprocess": "--control-preprocess",
 }
+
+ControlNetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="ControlNet: a QwenImageControlNetModel folder (diffusers or converted) or hub id"
+    ),
+]
+ControlImageOpt = Annotated[
+    list[Path] | None,
+    typer.Option(help="With --controlnet: the control image; repeat for several conditions"),
+]
+ControlScaleOpt = Annotated[float, typer.Option(help="ControlNet conditioning scale")]
+ControlStartOpt = Annotated[
+    float, typer.Option(help="Fraction of the steps before the ControlNet starts")
+]
+ControlEndOpt = Annotated[float, typer.Option(help="Fraction of the steps where it stops")]
+ControlMaskOpt = Annotated[
+    Path | None, typer.Option(help="Inpainting ControlNet: the mask, white = repaint")
+]
+ControlPreprocessOpt = Annotated[
+    str | None,
+    typer.Option(help="Preprocess --control-image first: canny (needs qwen-mlx[control])"),
+]
 
 
 def output_paths(output: Path | None, seeds: list[int], stem: str = "qwen-image") -> list[Path]:
@@ -107,6 +135,7 @@ def run(
     adaln_cache: bool,
     lightning: int | None,
     inputs: list[tuple[str, Path]],
+    controlnet: str | None = None,
 ) -> None:
     """The shared path of ``generate`` and ``edit``: checks, load, sample, save."""
     from qwen_mlx import memory
@@ -134,6 +163,8 @@ def run(
         adaln_cache=adaln_cache,
         lightning=lightning,
     )
+    if controlnet is not None:  # checked against the transformer from the configs
+        pipe.load_controlnet(controlnet)
     request = pipe.prepare(request)  # sizes, images, shapes: before any weight loads
     if dry_run:
         from qwen_mlx.cli.info import memory_lines
@@ -220,6 +251,13 @@ def generate(
     quantize_text_encoder: QuantizeTextOpt = "auto",
     adaln_cache: AdalnOpt = True,
     dry_run: DryRunOpt = False,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
+    control_scale: ControlScaleOpt = 1.0,
+    control_start: ControlStartOpt = 0.0,
+    control_end: ControlEndOpt = 1.0,
+    control_mask: ControlMaskOpt = None,
+    control_preprocess: ControlPreprocessOpt = None,
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
     from qwen_mlx.pipelines.txt2img import QwenImagePipeline
@@ -230,6 +268,12 @@ def generate(
         _lightning(lightning, steps, cfg)
         if image is None and (strength is not None or mask is not None):
             raise UserError("--strength and --mask need --image")
+        if controlnet is None and (control_image or control_mask or control_preprocess):
+            raise UserError(
+                "--control-image, --control-mask and --control-preprocess need --controlnet"
+            )
+        if controlnet is not None and not control_image:
+            raise UserError("--controlnet needs --control-image")
         if image is None:  # txt2img: the size is known before anything loads
             width = 1024 if width is None else width
             height = 1024 if height is None else height
@@ -246,6 +290,12 @@ def generate(
             mask=mask,
             strength=strength,
             low_memory=low_memory,
+            control_images=tuple(control_image or ()),
+            control_scale=control_scale,
+            control_start=control_start,
+            control_end=control_end,
+            control_mask=control_mask,
+            control_preprocess=control_preprocess,
         )
         run(
             QwenImagePipeline,
@@ -262,7 +312,13 @@ def generate(
             quantize_text_encoder=quantize_text_encoder,
             adaln_cache=adaln_cache,
             lightning=lightning,
-            inputs=[("--image", image), ("--mask", mask)],
+            inputs=[
+                ("--image", image),
+                ("--mask", mask),
+                ("--control-mask", control_mask),
+                *(("--control-image", p) for p in control_image or ()),
+            ],
+            controlnet=controlnet,
         )
 
 

@@ -143,6 +143,8 @@ def memory_lines(source, request) -> tuple[list[str], bool]:
         f"{', adaLN cache' if request.adaln_cache else ''}; text encoder "
         f"{f'{request.text_encoder_bits}-bit' if request.text_encoder_bits else 'as stored'}"
     )
+    if request.controlnet_weights:
+        what += f"; ControlNet {memory.gib(request.controlnet_weights)}"
     fits = est.peak <= limit
     lines = [
         what,

@@ -608,14 +608,17 @@ class QwenImageTransformer(nn.Module):
         timestep: mx.array | None,
         img_shapes,
         modulation: Modulation | None = None,
+        controlnet_block_samples: list[mx.array] | None = None,
     ) -> mx.array:
         """Predict the flow velocity for packed latents.
 
         hidden_states (B, L, in_channels), encoder_hidden_states (B, T, joint_attention_dim),
         encoder_hidden_states_mask (B, T) of 0/1 or None, timestep (B,) sigma in [0, 1],
         img_shapes a (frames, h, w) (or a list of them) per batch item. ``modulation``
-        (precomputed, see ``modulation()``) replaces ``timestep``. Returns (B, L, out) float32
-        for all L image tokens.
+        (precomputed, see ``modulation()``) replaces ``timestep``. ``controlnet_block_samples``:
+        a ControlNet's residuals, added to the image stream after each block as diffusers does
+        (block i takes residual i // ceil(num_layers / len(residuals))). Returns (B, L, out)
+        float32 for all L image tokens.
         """
         cfg = self.config
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
@@ -668,9 +671,13 @@ class QwenImageTransformer(nn.Module):
         if cfg.zero_cond_t and modulation.zero is None:
             raise ValueError("a zero_cond_t transformer needs the t = 0 modulation (.zero)")
         f, h, w = shapes[0]  # the noisy latents' tokens come first
+        control = controlnet_block_samples or None
+        interval = math.ceil(len(self.blocks) / len(control)) if control else 0
         for i, (block, mod) in enumerate(zip(self.blocks, modulation.blocks, strict=True)):
             zero_cond = (modulation.zero[i], f * h * w) if cfg.zero_cond_t else None
             img, txt = self.compiled(block)(img, txt, mod, mask, rope, zero_cond)
+            if control:
+                img = img + control[i // interval]
 
         return run_linear(self.proj_out, self.norm_out(img, modulation.out)).astype(F32)
 

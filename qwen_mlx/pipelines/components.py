@@ -105,6 +105,7 @@ class Components:
         self._checked = False  # every component's config against its weights' shapes
         self._loras: list[tuple[LoRA, float]] = []
         self._lora_stack: LoraStack | None = None
+        self._controlnet: dict | None = None  # {"folder", "name", "config"}: load_controlnet
 
     @property
     def vae_scale(self) -> int:
@@ -204,6 +205,95 @@ class Components:
             if name == "transformer":
                 self._lora_stack = None
         mx.clear_cache()
+
+    # -- the ControlNet
+
+    def load_controlnet(self, path, revision: str | None = None) -> None:
+        """See ``QwenImagePipeline.load_controlnet``: resolved and checked (class, widths
+        against the transformer, weights' shapes from the headers); nothing loads yet."""
+        from qwen_mlx import control
+
+        folder = control.resolve(path, self.source.dtype, revision)
+        config = control.read_config(folder, self.transformer_config(), str(path))
+        self.unload_controlnet()
+        self._controlnet = {"folder": folder, "name": str(path), "config": config}
+
+    def unload_controlnet(self) -> None:
+        self._controlnet = None
+        self.free("controlnet")
+
+    @property
+    def controlnet_info(self) -> dict | None:
+        """{"folder", "name", "config"} of the loaded ControlNet, or None."""
+        return self._controlnet
+
+    def controlnet_plan(self) -> PrecisionPlan:
+        """The ControlNet's precision plan: the transformer's, by name, for its own depth (a
+        ControlNet converted for a folded plan runs under that plan only)."""
+        from qwen_mlx import control
+        from qwen_mlx.models.controlnet import ControlNetConfig
+        from qwen_mlx.models.transformer import QwenImageTransformer
+
+        config = self._controlnet["config"]
+        cfg = ControlNetConfig.from_dict(config)
+        if "transformer" in self._models:
+            plan = self._models["transformer"].plan
+        else:
+            folder = str(self.source.folder("transformer"))
+            plan = QwenImageTransformer.target_plan(
+                self.transformer_config(), self.precision, folder
+            )
+        stored = PrecisionPlan.from_config(config, cfg.num_layers)
+        if stored.folded:
+            return stored
+        return control.plan_for(plan, cfg.num_layers, cfg.eps)
+
+    @property
+    def controlnet(self):
+        if self._controlnet is None:
+            raise RequestError("no ControlNet loaded: call load_controlnet(path) first")
+        if "controlnet" not in self._models:
+            from qwen_mlx.loading import load_component
+            from qwen_mlx.models.controlnet import QwenImageControlNet
+
+            info = self._controlnet
+            config, weights = load_component(info["folder"])
+            model = QwenImageControlNet.from_weights(
+                config,
+                weights,
+                self.controlnet_plan(),
+                where=info["name"],
+                modulation=not self.adaln_cache,
+                quantize=self.quantize,
+            )
+            model.compile(self.compile)
+            self._models["controlnet"] = model
+            mx.clear_cache()
+        return self._models["controlnet"]
+
+    def controlnet_table(self, timesteps: mx.array):
+        """The ControlNet's adaLN table for ``timesteps`` (see ``modulation_table``)."""
+        from qwen_mlx.models.controlnet import modulation_table
+
+        table = modulation_table(
+            self._controlnet["folder"],
+            self.controlnet_plan(),
+            timesteps,
+            self.quantize,
+            self._adaln,
+        )
+        mx.clear_cache()
+        return table
+
+    def controlnet_weight_bytes(self) -> int:
+        """What the loaded ControlNet occupies once loaded (0 without one), from headers."""
+        if self._controlnet is None:
+            return 0
+        from qwen_mlx.models.controlnet import weight_bytes
+
+        return weight_bytes(
+            self._controlnet["folder"], self.controlnet_plan(), self.adaln_cache, self.quantize
+        )
 
     # -- LoRAs
 
@@ -314,8 +404,21 @@ class Components:
         max_sequence_length: int = 512,
         low_memory: bool = False,
         batch: int = 1,
+        controlnet: bool = False,
     ) -> memory.Request:
-        """What a generation of this size asks of memory with these components' settings."""
+        """What a generation of this size asks of memory with these components' settings
+        (``controlnet``: the loaded ControlNet runs: its weights and its residuals, held
+        through the transformer's forward, count while denoising)."""
+        extra = {}
+        if controlnet and self._controlnet is not None:
+            from qwen_mlx.models.controlnet import residual_bytes
+
+            extra = dict(
+                controlnet_weights=self.controlnet_weight_bytes(),
+                controlnet_activations=residual_bytes(
+                    self._controlnet["config"], width, height, self.vae_scale, batch, cfg
+                ),
+            )
         return memory.Request(
             width=width,
             height=height,
@@ -328,6 +431,7 @@ class Components:
             vae_tile=self.decode_tile_size or 128,
             adaln_cache=self.adaln_cache,
             text_encoder_bits=self.text_encoder_bits,
+            **extra,
         )
 
 

@@ -82,6 +82,8 @@ def _as_images(image) -> list[Image.Image]:
 class QwenImageEditPipeline(QwenImagePipeline):
     """Qwen-Image-Edit, Edit-2509 and Edit-2511. Build with :meth:`from_pretrained`."""
 
+    supports_controlnet = False  # the InstantX ControlNets are trained for text-to-image
+
     # Target areas (pixels); tests shrink them to keep tiny models fast.
     vae_image_area: int = VAE_IMAGE_AREA
     condition_image_area: int = CONDITION_IMAGE_AREA

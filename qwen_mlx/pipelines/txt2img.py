@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx import checks, memory
+from qwen_mlx import checks, control, memory
 from qwen_mlx.checks import check_size
 from qwen_mlx.errors import NonFiniteError, RequestError
 from qwen_mlx.loading import ModelSource, resolve
@@ -289,6 +289,75 @@ class QwenImagePipeline:
     def lora_key(self) -> str:
         return self.components.lora_key()
 
+    # -- ControlNet
+
+    supports_controlnet = True  # hook: Edit takes none
+
+    def load_controlnet(self, path: str | Path, revision: str | None = None) -> None:
+        """Use a ControlNet (a ``QwenImageControlNetModel`` folder in diffusers' layout or
+        converted, or a hub id) for calls with a ``control_image``; it replaces any previous
+        one (several at once are refused, as diffusers refuses several Union ControlNets).
+        Checked at once against the transformer (widths) and its own weights (shapes); its
+        weights load when a call needs them."""
+        if not self.supports_controlnet:
+            raise RequestError(f"{type(self).__name__} takes no ControlNet (text-to-image only)")
+        self.components.load_controlnet(path, revision)
+
+    def unload_controlnet(self) -> None:
+        self.components.unload_controlnet()
+
+    @property
+    def controlnet(self):
+        return self.components.controlnet
+
+    def check_control(self, images: Sequence, mask) -> None:
+        """Control inputs against the loaded ControlNet, before anything loads."""
+        from qwen_mlx.models.controlnet import ControlNetConfig
+
+        info = self.components.controlnet_info
+        if not images:
+            if mask is not None:
+                raise RequestError("control_mask needs a control_image (the image to complete)")
+            return
+        if info is None:
+            raise RequestError("control_image needs a ControlNet: call load_controlnet first")
+        cfg = ControlNetConfig.from_dict(info["config"])
+        if mask is not None and not cfg.inpainting:
+            raise RequestError(
+                f"control_mask goes with the Inpainting ControlNet; {info['name']} has no extra "
+                "condition channels"
+            )
+        if cfg.inpainting and mask is None:
+            raise RequestError(f"the Inpainting ControlNet {info['name']} needs control_mask")
+        if cfg.inpainting and len(images) != 1:
+            raise RequestError("the Inpainting ControlNet takes one control_image")
+
+    def control_run(
+        self, images, mask, scale, start, end, height: int, width: int, timesteps: np.ndarray
+    ) -> control.ControlRun:
+        """One run's ControlNet inputs: each condition encoded, the windows, the adaLN table
+        (built before the ControlNet loads, so its modulation weights never do)."""
+        mean = mx.array(self.vae.latents_mean, dtype=mx.float32)
+        std = mx.array(self.vae.latents_std, dtype=mx.float32)
+
+        def encode(x: mx.array) -> mx.array:
+            return (self.vae.encode(x).astype(mx.float32) - mean) / std
+
+        conditions = []
+        for image in images:
+            if mask is not None:
+                cond = control.inpaint_condition(encode, image, mask, width, height, self.vae_scale)
+            else:
+                cond = control.union_condition(encode, image, width, height)
+            mx.eval(cond)
+            check_finite(cond, "the encoded control image")
+            conditions.append(cond)
+        scales, starts, ends = control.checked(len(images), scale, start, end)
+        t_in = mx.array([float(t) for t in timesteps], dtype=mx.float32) / 1000.0
+        table = self.components.controlnet_table(t_in) if self.adaln_cache else None
+        model = self.components.controlnet
+        return control.ControlRun(model, conditions, scales, starts, ends, t_in, table)
+
     # -- stage 1: prompts
 
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> Embeds:
@@ -379,12 +448,13 @@ class QwenImagePipeline:
         img_shapes: Sequence[tuple[int, int, int]],
         true_cfg_scale: float = 4.0,
         reference_latents: mx.array | None = None,
+        control_run: control.ControlRun | None = None,
     ) -> Denoiser:
         """One run's ``Denoiser``. The adaLN table (when on) is built before the transformer
         loads, so the modulation weights and the rest are never both in memory."""
         t_in = mx.array([float(t) for t in timesteps], dtype=mx.float32) / 1000.0
         table = self.modulation_table(t_in) if self.adaln_cache else None
-        return Denoiser(
+        den = Denoiser(
             self.transformer,
             prompt,
             negative,
@@ -395,6 +465,9 @@ class QwenImagePipeline:
             reference_latents,
             non_finite_message=self._non_finite_message,
         )
+        if control_run is not None:  # the residuals of the positive prompt, for both CFG halves
+            den.transformer_kwargs.append(control_run.kwargs(den))
+        return den
 
     def denoise_steps(
         self,
@@ -408,6 +481,7 @@ class QwenImagePipeline:
         step_hook: StepHook | None = None,
         reference_latents: mx.array | None = None,
         cancel: CancelToken | None = None,
+        control_run: control.ControlRun | None = None,
     ) -> Iterator[StepEvent]:
         """The sampling loop as a generator of ``StepEvent`` (see ``pipelines/denoise.py``):
         one transformer call per step (cond and uncond batched together under true CFG), the
@@ -418,7 +492,7 @@ class QwenImagePipeline:
         prediction is dropped.
         """
         den = self.denoiser(
-            prompt, negative, timesteps, img_shapes, true_cfg_scale, reference_latents
+            prompt, negative, timesteps, img_shapes, true_cfg_scale, reference_latents, control_run
         )
         return den.steps(latents, sigmas, step_hook, cancel)
 
@@ -482,6 +556,16 @@ class QwenImagePipeline:
         images = tuple(img2img.as_pil(im) for im in req.images)
         mask = img2img.as_pil(req.mask, "mask") if req.mask is not None else None
         req = req.replace(images=images, mask=mask)
+        if req.control_images or req.control_mask is not None:
+            controls = [img2img.as_pil(im, "control image") for im in req.control_images]
+            if req.control_preprocess and not req.control_preprocessed:  # once: idempotent
+                controls = [control.preprocess(req.control_preprocess, im) for im in controls]
+            cmask = req.control_mask
+            cmask = img2img.as_pil(cmask, "control mask") if cmask is not None else None
+            self.check_control(controls, cmask)
+            req = req.replace(
+                control_images=tuple(controls), control_mask=cmask, control_preprocessed=True
+            )
         width, height = self.request_size(req)
         steps = self.default_steps if req.steps is None else req.steps
         req = req.replace(
@@ -515,8 +599,9 @@ class QwenImagePipeline:
     def memory_request(self, req: GenerationRequest) -> memory.Request:
         """What a prepared request asks of memory (the one place it is built)."""
         return self.components.memory_request(
-            req.width, req.height, req.cfg_on, req.max_sequence_length, req.low_memory
-        )
+            req.width, req.height, req.cfg_on, req.max_sequence_length, req.low_memory,
+            controlnet=bool(req.control_images),
+        )  # fmt: skip
 
     def memory_estimate(self, req: GenerationRequest) -> memory.Estimate:
         return memory.source_estimate(self.source, self.memory_request(req))
@@ -543,6 +628,8 @@ class QwenImagePipeline:
             ],
             version=__version__,
         )
+        if req.control_images:
+            meta["control"]["controlnet"] = self.components.controlnet_info["name"]
         return meta
 
     def generate(
@@ -564,7 +651,7 @@ class QwenImagePipeline:
             else:
                 yield self._result(req, seed, latents, cancel)
         if pending:
-            self.free("transformer")
+            self.free("transformer", "controlnet")
             for seed, latents in pending:
                 yield self._result(req, seed, latents, cancel)
 
@@ -600,6 +687,11 @@ class QwenImagePipeline:
             req.strength,
             req.mask,
             cancel,
+            list(req.control_images) or None,
+            req.control_scale,
+            req.control_start,
+            req.control_end,
+            req.control_mask,
         )
 
     # -- the diffusers-like call
@@ -628,6 +720,11 @@ class QwenImagePipeline:
         strength: float = 0.6,
         mask_image=None,
         cancel: CancelToken | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        control_mask=None,
     ):
         """Generate images. Returns a list of PIL images, or with output_type="np" a float32
         array (B, H, W, 3) in [0, 1] (output_type="latent": the packed latents).
@@ -645,6 +742,13 @@ class QwenImagePipeline:
         ``qwen_mlx.pipelines.img2img``): ``strength`` keeps the last ``ceil(steps * strength)``
         steps, and ``latents`` is then the noise mixed into the image. Width and height default
         to the image's size rounded down to multiples of 16 (1024 without an image).
+
+        ``control_image`` (with a ControlNet from ``load_controlnet``; a list: several
+        conditions of one Union ControlNet, residuals summed), ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` / ``_end`` (one value or one per image) and ``control_mask``
+        (the Inpainting ControlNet's, white = repaint) have the semantics of diffusers'
+        ``QwenImageControlNetPipeline`` / ``QwenImageControlNetInpaintPipeline`` (see
+        ``qwen_mlx.control``). Without ``control_image`` the ControlNet is not used.
         """
         if output_type not in ("pil", "np", "latent"):
             raise RequestError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
@@ -655,7 +759,8 @@ class QwenImagePipeline:
             prompt, negative_prompt, width, height, num_inference_steps, true_cfg_scale, seed,
             latents, num_images_per_prompt, max_sequence_length, sigmas, prompt_embeds,
             prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, image,
-            strength, mask_image, cancel,
+            strength, mask_image, cancel, control_image, controlnet_conditioning_scale,
+            control_guidance_start, control_guidance_end, control_mask,
         )  # fmt: skip
         latents = run(steps, latents, callback)
         return self.finish(latents, height, width, output_type, low_memory)
@@ -681,6 +786,11 @@ class QwenImagePipeline:
         strength,
         mask_image,
         cancel,
+        control_image=None,
+        control_scale=1.0,
+        control_start=0.0,
+        control_end=1.0,
+        control_mask=None,
     ) -> Iterator[StepEvent]:
         """Every stage up to the last denoising step, as steps: the one path of ``__call__``
         and ``generate``. Everything is checked before any model runs."""
@@ -698,6 +808,15 @@ class QwenImagePipeline:
                 mask = self.encode_mask(mask_image, height, width)
         elif mask_image is not None:
             raise RequestError("mask_image needs an image to inpaint")
+        controls = control_image
+        if controls is not None and not isinstance(controls, (list, tuple)):
+            controls = [controls]
+        controls = [img2img.as_pil(im, "control image") for im in controls or ()]
+        if control_mask is not None:
+            control_mask = img2img.as_pil(control_mask, "control mask")
+        self.check_control(controls, control_mask)
+        if controls:
+            control.checked(len(controls), control_scale, control_start, control_end)
         do_cfg = true_cfg_scale > 1 and (
             negative_prompt is not None or negative_prompt_embeds is not None
         )
@@ -738,10 +857,17 @@ class QwenImagePipeline:
             latents = img2img.scale_noise(image_latents, noise, sig[0])
             if mask is not None:
                 hook = img2img.inpaint_hook(image_latents, noise, mask, sig)
+        run_ = None
+        if controls:  # the guidance window counts the steps that run (after img2img's trim)
+            run_ = self.control_run(
+                controls, control_mask, control_scale, control_start, control_end, height, width,
+                timesteps,
+            )  # fmt: skip
 
         yield from self._timed_denoise(
-            latents, cond, uncond, sig, timesteps, [(1, h, w)], true_cfg_scale, hook, None, cancel
-        )
+            latents, cond, uncond, sig, timesteps, [(1, h, w)], true_cfg_scale, hook, None, cancel,
+            run_,
+        )  # fmt: skip
 
     def _timed_denoise(self, latents, *args) -> Iterator[StepEvent]:
         start = time.perf_counter()
