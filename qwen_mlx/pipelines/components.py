@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from qwen_mlx import memory
 from qwen_mlx.adaln import AdaLNCache
+from qwen_mlx.errors import RequestError
 from qwen_mlx.loading import ModelSource
 from qwen_mlx.lora import (
     LoRA,
