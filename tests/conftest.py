@@ -18,3 +18,13 @@ def _qwen_mlx_cache(tmp_path_factory):
         os.environ.pop("QWEN_MLX_CACHE", None)
     else:
         os.environ["QWEN_MLX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def fullsize_checkpoint(tmp_path_factory):
+    """The released Qwen-Image checkpoint's layout at full size, header-only: every shard is its
+    safetensors header followed by a hole (no disk used). For what reads headers only (memory
+    estimates, ``info``, ``--dry-run``); see tests/fullsize.py."""
+    from fullsize import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("fullsize") / "Qwen-Image", holes=True)
