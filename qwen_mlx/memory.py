@@ -509,6 +509,30 @@ class MemoryCheck:
         )
         return head if self.fits else f"{head}; {self.advice_text()}"
 
+    def lines(self) -> list[str]:
+        """What ``info`` and ``--dry-run`` print: each stage, the peak against this machine,
+        then what would fit, one change a line."""
+        e = self.estimate
+        out = [
+            f"  {stage:8s} {gib(total):>9s}  (activations {gib(e.activations.get(stage, 0))})"
+            for stage, total in e.stages.items()
+        ]
+        verdict = "fits" if self.fits else "does NOT fit"
+        out.append(
+            f"expected peak: {e.describe()}; this machine: {gib(self.limit)} ({self.where}): "
+            f"{verdict}"
+        )
+        if not self.fits and not self.advice:
+            out.append("nothing smaller fits either")
+        elif not self.fits:
+            out.append("would fit:")
+            width = max(len(a.label) for a in self.advice)
+            out += [
+                f"  {a.label:{width}s}  ~{gib(a.peak)} while {STAGE_VERBS[a.estimate.peak_stage]}"
+                for a in self.advice
+            ]
+        return out
+
     def to_dict(self) -> dict:
         e = self.estimate
         return {"fits": self.fits, "peak": e.peak, "peak_stage": e.peak_stage,

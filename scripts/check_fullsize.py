@@ -11,7 +11,9 @@ Stages, each in its own process (its peak RSS comes from ``wait4``):
    chunk at a time; ``--layers`` / ``--text-layers`` cut the depth to save disk.
 2. convert, per variant: ``qwen-mlx convert`` (bf16, ``--quantize 8``, ``--quantize 4``).
 3. adaln, per variant: the adaLN table for one step (``qwen_mlx.adaln.compute_modulation`` on
-   the converted weights, as the pipeline builds it), timed alone.
+   the converted weights, as the pipeline builds it), timed alone; ``adaln-mlx`` (in
+   ``--stages``) times it again with MLX's own half-precision quantized CPU kernel, the one
+   ``quantize.QuantizedLinear`` replaces on the CPU.
 4. generate, per variant: ``qwen-mlx generate`` at 64x64, one step, a fresh adaLN cache.
 
 The table prints each stage's seconds and peak RSS beside ``qwen_mlx.memory``'s estimate (for
@@ -102,10 +104,17 @@ def child_write(root: Path, layers: int | None, text_layers: int | None) -> None
     write_checkpoint(root, holes=False, layers=layers, text_layers=text_layers, log=print)
 
 
-def child_adaln(dst: Path, steps: int) -> None:
+def child_adaln(dst: Path, steps: int, mlx_kernel: bool = False) -> None:
     """Build the adaLN table for ``steps`` sigmas as the pipeline does (lazy weights from the
-    converted folder, modulation only), and print the seconds."""
+    converted folder, modulation only), and print the seconds. ``mlx_kernel``: quantized layers
+    run MLX's own half-precision CPU kernel (what they ran before ``quantize.QuantizedLinear``)."""
     import mlx.core as mx
+    import mlx.nn as nn
+
+    from qwen_mlx import quantize
+
+    if mlx_kernel:
+        quantize.QuantizedLinear.__call__ = nn.QuantizedLinear.__call__
 
     from qwen_mlx.adaln import compute_modulation
     from qwen_mlx.loading import load_component
@@ -145,12 +154,13 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the converted checkpoints")
     p.add_argument("--_write", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_adaln", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--_mlx-kernel", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     src = args.root / "Qwen-Image-random"
     if args._write:
         return child_write(src, args.layers, args.text_layers)
     if args._adaln:
-        return child_adaln(args._adaln, 1)
+        return child_adaln(args._adaln, 1, args._mlx_kernel)
 
     from _openblas import preload_openblas
 
@@ -182,17 +192,19 @@ def main() -> None:
                 f"largest source shard {max(shards) / GiB:.2f} GiB"
             )
             row(f"convert {variant}", seconds, rss, notes=notes)
-        if "adaln" in stages:
-            print(f"adaLN table, {variant}", flush=True)
+        # adaln-mlx: the same with MLX's half-precision CPU kernel (quantized variants only)
+        kernels = [k for k in ("adaln", "adaln-mlx") if k in stages]
+        for kernel in kernels if variant != "bf16" else kernels[:1]:
+            print(f"adaLN table, {variant} ({kernel})", flush=True)
             cmd = [sys.executable, __file__, "--root", str(args.root), "--_adaln", str(dst)]
-            seconds, rss, out = run(cmd)
+            seconds, rss, out = run([*cmd, *(["--_mlx-kernel"] if kernel == "adaln-mlx" else [])])
             inner = json.loads(out.strip().splitlines()[-1])["seconds"]
             total, block = modulation_bytes(dst)
             notes = (
                 f"table {inner:.1f} s; modulation {total / 1e9:.2f} GB read "
                 f"({total / 1e6 / inner:.0f} MB/s), largest block {block / GiB:.2f} GiB"
             )
-            row(f"adaln {variant}", seconds, rss, notes=notes)
+            row(f"{kernel} {variant}", seconds, rss, notes=notes)
         if "generate" in stages:
             print(f"generating, {variant}", flush=True)
             peak, stage = generate_estimate(dst)

@@ -60,6 +60,13 @@ def test_16gib_names_quantize_8_and_4(released, monkeypatch):
     assert "would fit: --quantize 8 (~15.4 GiB); --quantize 4 (~9.3 GiB)" in msg
     assert e.value.check.advice == result.advice
     assert result.to_dict()["advice"][1]["flags"] == ["--quantize", "4"]
+    lines = result.lines()  # what info and --dry-run print
+    assert lines[3].endswith("this machine: 16.0 GiB ($QWEN_MLX_MEMORY_LIMIT): does NOT fit")
+    assert lines[4:] == [
+        "would fit:",
+        "  --quantize 8  ~15.4 GiB while denoising",
+        "  --quantize 4  ~9.3 GiB while denoising",
+    ]
 
 
 def test_advice_order_quantize_low_memory_size(released, monkeypatch):
