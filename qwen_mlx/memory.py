@@ -522,16 +522,19 @@ class MemoryCheck:
             f"expected peak: {e.describe()}; this machine: {gib(self.limit)} ({self.where}): "
             f"{verdict}"
         )
-        if not self.fits and not self.advice:
-            out.append("nothing smaller fits either")
-        elif not self.fits:
-            out.append("would fit:")
-            width = max(len(a.label) for a in self.advice)
-            out += [
-                f"  {a.label:{width}s}  ~{gib(a.peak)} while {STAGE_VERBS[a.estimate.peak_stage]}"
-                for a in self.advice
-            ]
-        return out
+        return out + self.advice_lines()
+
+    def advice_lines(self) -> list[str]:
+        """What would fit, one change a line (nothing when it fits)."""
+        if self.fits:
+            return []
+        if not self.advice:
+            return ["nothing smaller fits either"]
+        width = max(len(a.label) for a in self.advice)
+        return ["would fit:"] + [
+            f"  {a.label:{width}s}  ~{gib(a.peak)} while {STAGE_VERBS[a.estimate.peak_stage]}"
+            for a in self.advice
+        ]
 
     def to_dict(self) -> dict:
         e = self.estimate

@@ -107,3 +107,37 @@ def test_quantized_checkpoint_needs_a_conversion(released, monkeypatch):
     assert [c[0] for c in changes] == ["a checkpoint converted with --quantize 4", "--low-memory"]
     assert changes[0][1] == ()
     assert [c[0] for c in memory._changes(Request(quant_bits=4), None, True)] == ["--low-memory"]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_dry_run_and_info_name_what_would_fit(fullsize_checkpoint, monkeypatch, tmp_path):
+    """``generate --dry-run`` of the full-size bf16 checkpoint under 16 GiB exits 2 and lists
+    --quantize 8 and 4 with their estimates; ``info`` says the same; a plan that fits is 0."""
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    monkeypatch.setattr(memory, "_on_gpu", lambda: True)
+    monkeypatch.setenv(memory.MEMORY_ENV, "16GiB")
+    runner = CliRunner()
+    out = tmp_path / "fox.png"
+    args = ["generate", "--model", str(fullsize_checkpoint), "-p", "a fox", "-o", str(out)]
+    res = runner.invoke(app, [*args, "--dry-run"])
+    assert res.exit_code == 2, res.output
+    advice = ["would fit:", "  --quantize 8  ~15.4 GiB while denoising",
+              "  --quantize 4  ~9.3 GiB while denoising"]  # fmt: skip
+    lines = res.output.splitlines()
+    i = lines.index("would fit:")
+    assert lines[i : i + 3] == advice and "does NOT fit" in lines[i - 1]
+    assert not out.exists()
+    res = runner.invoke(app, [*args, "--dry-run", "--quantize", "4"])
+    assert res.exit_code == 0, res.output
+    assert ": fits" in res.output and "would fit" not in res.output
+    res = runner.invoke(app, ["info", str(fullsize_checkpoint)])
+    assert res.exit_code == 0, res.output
+    assert "20.430 B params" in res.output
+    lines = res.output.splitlines()
+    i = lines.index("does not fit; would fit:")
+    assert lines[i + 1 : i + 3] == advice[1:]

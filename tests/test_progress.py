@@ -82,3 +82,20 @@ def test_formats():
     assert format_bytes(3.2e6) == "3.2 MB"
     assert format_seconds(7.4) == "0:07" and format_seconds(275) == "4:35"
     assert format_seconds(3723) == "1:02:03"
+
+
+def test_cli_convert_prints_progress(tmp_path):
+    """``qwen-mlx convert`` off a terminal: one plain progress line per shard on stderr."""
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    src = save_checkpoint(build_transformer("diffusers"), tmp_path / "src")
+    n = len(list((src / "transformer").glob("*.safetensors")))
+    res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("transformer: ")]
+    assert len(lines) == n + 1
+    assert f"(shard 0/{n})" in lines[0] and f"shard {n}/{n}" in lines[-1]
+    total = lines[-1].split(": ")[1].split(" (")[0]
+    assert total.split("/")[0] == total.split("/")[1]  # done == total at the end
