@@ -8,10 +8,12 @@ from qwen_mlx.convert.convert import (
 )
 from qwen_mlx.convert.errors import ConversionError
 from qwen_mlx.convert.options import ConvertOptions
+from qwen_mlx.convert.progress import ConvertProgress
 
 __all__ = [
     "ConversionError",
     "ConvertOptions",
+    "ConvertProgress",
     "convert_checkpoint",
     "convert_component",
     "is_converted",

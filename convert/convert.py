@@ -18,7 +18,8 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +37,7 @@ from qwen_mlx.convert.io import (
     write_index,
 )
 from qwen_mlx.convert.options import FORMAT_VERSION, ConvertOptions
+from qwen_mlx.convert.progress import ConvertProgress
 from qwen_mlx.dtypes import DTYPES
 from qwen_mlx.io import CONVERTED_COMPONENTS, is_converted
 from qwen_mlx.precision import PLAN_NAMES, component_dtype
@@ -143,22 +145,42 @@ def check_component_folder(folder: Path, options: ConvertOptions) -> None:
         raise ConversionError(str(e)) from e
 
 
-def convert_component(src: Path, dst: Path, options: ConvertOptions) -> dict:
-    """Convert one component folder into ``dst`` (which must exist). Returns its config."""
+ProgressCallback = Callable[[ConvertProgress], None]
+
+
+def convert_component(
+    src: Path, dst: Path, options: ConvertOptions, progress: ProgressCallback | None = None
+) -> dict:
+    """Convert one component folder into ``dst`` (which must exist). Returns its config.
+
+    ``progress`` gets a ``ConvertProgress`` when the component starts and after each shard."""
+    src = Path(src)
+    sizes = {p.name: p.stat().st_size for p in list_shards(src)}
+    start, done = time.perf_counter(), 0
+
+    def report(shard: int) -> None:
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            progress(
+                ConvertProgress(src.name, shard, len(sizes), done, sum(sizes.values()), elapsed)
+            )
+
+    report(0)
     config, shards = iter_converted_component(src, options)
     weight_map: dict[str, str] = {}
     total = 0
     written: list[str] = []
-    for _, weights in shards:
-        if not weights:  # e.g. a shard holding only dropped tensors
-            continue
-        name = f"model-{len(written) + 1:05d}.safetensors"
-        save_shard(dst / name, weights)
-        written.append(name)
-        for k, v in weights.items():
-            weight_map[k] = name
-            total += v.nbytes
+    for i, (source, weights) in enumerate(shards, 1):
+        if weights:  # not, e.g., a shard holding only dropped tensors
+            name = f"model-{len(written) + 1:05d}.safetensors"
+            save_shard(dst / name, weights)
+            written.append(name)
+            for k, v in weights.items():
+                weight_map[k] = name
+                total += v.nbytes
         del weights  # free this shard before reading the next one
+        done += sizes.get(source, 0)
+        report(i)
     # Rename shards to the usual -of- form now that their count is known.
     n = len(written)
     renames = {old: old.replace(".safetensors", f"-of-{n:05d}.safetensors") for old in written}
@@ -189,13 +211,15 @@ def convert_checkpoint(
     options: ConvertOptions | None = None,
     force: bool = False,
     log=None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Convert a diffusers-layout checkpoint folder ``src`` (or a standalone ControlNet folder,
     recognised by its config) into ``dst`` atomically.
 
     Everything that can be checked is checked before anything is written (options, source
     layout, each config against its weights' shapes, what DST is); see ``destination`` for
-    how DST is written, locked and, with ``force``, replaced.
+    how DST is written, locked and, with ``force``, replaced. ``log`` gets one-line messages;
+    ``progress`` a ``ConvertProgress`` per converted component's start and shard.
     """
     options = checked_options(options or ConvertOptions())
     src, dst = Path(src), Path(dst)
@@ -211,7 +235,7 @@ def convert_checkpoint(
 
         def write(tmp: Path) -> None:
             log(f"converting the ControlNet {src.name}")
-            convert_component(src, tmp, options)
+            convert_component(src, tmp, options, progress)
             for extra in sorted(src.iterdir()):  # README, licence, example images
                 if extra.is_file() and extra.suffix not in (".safetensors", ".json", ".bin"):
                     shutil.copy2(extra, tmp / extra.name)
@@ -230,7 +254,7 @@ def convert_checkpoint(
                 check_component_folder(child, options)
 
         def write(tmp: Path) -> None:
-            _write(src, children, tmp, index, options, log)
+            _write(src, children, tmp, index, options, log, progress)
 
     try:
         created = destination.make_parents(dst.parent)
@@ -260,13 +284,19 @@ def convert_checkpoint(
 
 
 def _write(
-    src: Path, children: list[Path], tmp: Path, index: dict, options: ConvertOptions, log
+    src: Path,
+    children: list[Path],
+    tmp: Path,
+    index: dict,
+    options: ConvertOptions,
+    log,
+    progress: ProgressCallback | None = None,
 ) -> None:
     for child in children:
         if child.is_dir() and component_module(child.name) is not None:
             log(f"converting {child.name}")
             (tmp / child.name).mkdir()
-            convert_component(child, tmp / child.name, options)
+            convert_component(child, tmp / child.name, options, progress)
         elif child.is_dir():
             log(f"copying {child.name}")
             shutil.copytree(child, tmp / child.name)

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from qwen_mlx.errors import QwenMLXError, RequestError
@@ -356,11 +355,107 @@ def _stored_plan(config: dict) -> str:
 
 
 @dataclass(frozen=True)
-class Fit:
-    """A change to the request that would fit, with its estimated peak."""
+class Advice:
+    """A change to the request that would fit: what to pass, and the estimate with it."""
 
-    label: str  # what to pass, e.g. "--precision fp16"
-    peak: int
+    label: str  # what to tell the user, e.g. "--quantize 4 --low-memory"
+    flags: tuple[str, ...]  # the CLI flags (empty when it is not a flag: a re-conversion)
+    estimate: Estimate
+
+    @property
+    def peak(self) -> int:
+        return self.estimate.peak
+
+    @property
+    def request(self) -> Request:
+        return self.estimate.request
+
+    def describe(self) -> str:
+        return f"{self.label} (~{gib(self.peak)})"
+
+    def to_dict(self) -> dict:
+        """For JSON (the server): label, flags, peak bytes and the stage that peaks."""
+        e = self.estimate
+        return {"label": self.label, "flags": list(self.flags), "peak": e.peak,
+                "peak_stage": e.peak_stage, "stages": dict(e.stages)}  # fmt: skip
+
+
+Fit = Advice  # the earlier name
+
+
+def _stored_bits(tensors: dict[str, dict[str, TensorInfo]], configs: dict[str, dict]):
+    """The transformer's bits when it is quantized on disk (None: float weights)."""
+    t = tensors.get("transformer", {})
+    if not any(k.endswith(".scales") for k in t):
+        return None
+    return int((configs.get("transformer", {}).get("quantization") or {}).get("bits", 8))
+
+
+def _changes(request: Request, stored_bits: int | None, text_encoder_auto: bool):
+    """(label, flags, changed request) of each single change, in the order advice names them:
+    a lower precision plan, ``--quantize 8``, ``--quantize 4``, ``--low-memory``."""
+    out: list[tuple[str, tuple[str, ...], Request]] = []
+    if request.precision not in (None, "fp16", "bf16", "bfloat16", "float16"):
+        out.append(
+            ("--precision bf16", ("--precision", "bf16"), replace(request, precision="bf16"))
+        )
+    have = request.quant_bits or stored_bits
+    for bits in (8, 4):
+        if have is not None and bits >= have:
+            continue
+        changed = replace(
+            request,
+            quant_bits=bits,
+            # the pipeline's lean mode: 8-bit language model ("auto"), decode in small tiles
+            text_encoder_bits=request.text_encoder_bits or (8 if text_encoder_auto else None),
+            vae_tile=min(request.vae_tile or LEAN_DECODE_TILE, LEAN_DECODE_TILE),
+        )
+        if stored_bits is None:  # a float transformer quantizes as it loads
+            out.append((f"--quantize {bits}", ("--quantize", str(bits)), changed))
+        else:  # already quantized on disk: only a new conversion lowers the bits
+            out.append((f"a checkpoint converted with --quantize {bits}", (), changed))
+    if not request.low_memory:
+        out.append(("--low-memory", ("--low-memory",), replace(request, low_memory=True)))
+    return out
+
+
+def advise(
+    tensors: dict[str, dict[str, TensorInfo]],
+    request: Request,
+    configs: dict[str, dict],
+    limit: int,
+    load_dtype: str | None = None,
+    text_encoder_auto: bool = True,
+) -> list[Advice]:
+    """What would bring the peak under ``limit``, in this order: each single change that fits
+    (``--precision bf16`` for a 32-bit plan, ``--quantize 8``, ``--quantize 4``,
+    ``--low-memory``), then the largest smaller square size; when no single change fits, the
+    changes together, then a size with all of them.
+
+    ``text_encoder_auto``: the user left ``--quantize-text-encoder`` at auto (so ``--quantize``
+    also quantizes the language model to 8 bits)."""
+
+    def est(r: Request) -> Estimate:
+        return estimate(tensors, r, configs, load_dtype)
+
+    changes = _changes(request, _stored_bits(tensors, configs), text_encoder_auto)
+    advice = [Advice(label, flags, e) for label, flags, r in changes if (e := est(r)).peak <= limit]
+    base, label, flags = request, "", ()
+    if not advice and changes:  # together: the precision change, the fewest bits, low memory
+        quant = [c for c in changes if c[2].quant_bits != request.quant_bits]
+        together = [c for c in changes if c[2].quant_bits == request.quant_bits] + quant[-1:]
+        for name, more, changed in sorted(together, key=changes.index):
+            diff = {f.name: getattr(changed, f.name) for f in fields(Request)}
+            base = replace(base, **{k: v for k, v in diff.items() if v != getattr(request, k)})
+            label, flags = f"{label}{name} ", (*flags, *more)
+        if len(together) > 1 and (e := est(base)).peak <= limit:
+            advice.append(Advice(label.strip(), flags, e))
+    side = _largest_square(tensors, base, configs, limit, load_dtype)
+    if side:
+        smaller = est(replace(base, width=side, height=side))
+        more = ("--width", str(side), "--height", str(side))
+        advice.append(Advice(f"{label}--width {side} --height {side}", (*flags, *more), smaller))
+    return advice
 
 
 def alternatives(
@@ -369,29 +464,10 @@ def alternatives(
     configs: dict[str, dict],
     limit: int,
     load_dtype: str | None = None,
-    quant_bits: Iterable[int] = (),
-) -> list[Fit]:
-    """Single changes that would bring the peak under ``limit``: lower precision,
-    quantization (the ``quant_bits`` on offer), ``--low-memory``, a smaller size."""
-    candidates: list[tuple[str, Request]] = []
-    if request.precision not in ("fp16", "bf16", "bfloat16", "float16"):
-        candidates.append(("--precision bf16", replace(request, precision="bf16")))
-    for bits in sorted(quant_bits, reverse=True):
-        if request.quant_bits is None or bits < request.quant_bits:
-            label = f"a checkpoint converted with --quantize {bits}"
-            candidates.append((label, replace(request, quant_bits=bits)))
-    if not request.low_memory:
-        candidates.append(("--low-memory", replace(request, low_memory=True)))
-    fits = [
-        Fit(label, e.peak)
-        for label, r in candidates
-        if (e := estimate(tensors, r, configs, load_dtype)).peak <= limit
-    ]
-    side = _largest_square(tensors, request, configs, limit, load_dtype)
-    if side:
-        smaller = estimate(tensors, replace(request, width=side, height=side), configs, load_dtype)
-        fits.append(Fit(f"--width {side} --height {side}", smaller.peak))
-    return fits
+    text_encoder_auto: bool = True,
+) -> list[Advice]:
+    """``advise`` (the earlier name)."""
+    return advise(tensors, request, configs, limit, load_dtype, text_encoder_auto)
 
 
 def _largest_square(tensors, request: Request, configs, limit: int, load_dtype) -> int | None:
@@ -410,32 +486,109 @@ def _largest_square(tensors, request: Request, configs, limit: int, load_dtype) 
     return lo
 
 
+@dataclass
+class MemoryCheck:
+    """An estimate against this machine's figure, with advice when it does not fit."""
+
+    estimate: Estimate
+    limit: int
+    where: str  # where the limit comes from
+    advice: list[Advice]
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.peak <= self.limit
+
+    def advice_text(self) -> str:
+        """ "would fit: --quantize 8 (~14.1 GiB); ..." or "nothing smaller fits either"."""
+        if not self.advice:
+            return "nothing smaller fits either"
+        return "would fit: " + "; ".join(a.describe() for a in self.advice)
+
+    def summary(self) -> str:
+        """One line: the peak, the machine's figure, and (when it does not fit) the advice."""
+        head = (
+            f"this needs about {self.estimate.describe()}, "
+            f"{'within' if self.fits else 'more than'} the {gib(self.limit)} available "
+            f"({self.where})"
+        )
+        return head if self.fits else f"{head}; {self.advice_text()}"
+
+    def lines(self) -> list[str]:
+        """What ``info`` and ``--dry-run`` print: each stage, the peak against this machine,
+        then what would fit, one change a line."""
+        e = self.estimate
+        out = [
+            f"  {stage:8s} {gib(total):>9s}  (activations {gib(e.activations.get(stage, 0))})"
+            for stage, total in e.stages.items()
+        ]
+        verdict = "fits" if self.fits else "does NOT fit"
+        out.append(
+            f"expected peak: {e.describe()}; this machine: {gib(self.limit)} ({self.where}): "
+            f"{verdict}"
+        )
+        return out + self.advice_lines()
+
+    def advice_lines(self) -> list[str]:
+        """What would fit, one change a line (nothing when it fits)."""
+        if self.fits:
+            return []
+        if not self.advice:
+            return ["nothing smaller fits either"]
+        width = max(len(a.label) for a in self.advice)
+        return ["would fit:"] + [
+            f"  {a.label:{width}s}  ~{gib(a.peak)} while {STAGE_VERBS[a.estimate.peak_stage]}"
+            for a in self.advice
+        ]
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        return {"fits": self.fits, "peak": e.peak, "peak_stage": e.peak_stage,
+                "stages": dict(e.stages), "limit": self.limit, "limit_source": self.where,
+                "advice": [a.to_dict() for a in self.advice]}  # fmt: skip
+
+
+def check(
+    tensors: dict[str, dict[str, TensorInfo]],
+    request: Request,
+    configs: dict[str, dict],
+    load_dtype: str | None = None,
+    text_encoder_auto: bool = True,
+) -> MemoryCheck:
+    """The estimate against ``machine_memory()``; advice (``advise``) only when it does not
+    fit."""
+    est = estimate(tensors, request, configs, load_dtype)
+    limit, where = machine_memory()
+    advice = []
+    if est.peak > limit:
+        advice = advise(tensors, request, configs, limit, load_dtype, text_encoder_auto)
+    return MemoryCheck(est, limit, where, advice)
+
+
 def check_fits(
     tensors: dict[str, dict[str, TensorInfo]],
     request: Request,
     configs: dict[str, dict],
     load_dtype: str | None = None,
-    quant_bits: Iterable[int] = (),
+    text_encoder_auto: bool = True,
 ) -> Estimate:
-    """The estimate, or MemoryError naming it, the machine's figure and what would fit."""
-    est = estimate(tensors, request, configs, load_dtype)
-    limit, where = machine_memory()
-    if est.peak <= limit:
-        return est
-    fits = alternatives(tensors, request, configs, limit, load_dtype, quant_bits)
-    hint = (
-        "would fit: " + "; ".join(f"{f.label} (~{gib(f.peak)})" for f in fits)
-        if fits
-        else "nothing smaller fits either"
-    )
+    """The estimate, or MemoryLimitError naming it, the machine's figure and what would fit
+    (the structured check is the error's ``check``)."""
+    result = check(tensors, request, configs, load_dtype, text_encoder_auto)
+    if result.fits:
+        return result.estimate
     raise MemoryLimitError(
-        f"this needs about {est.describe()}, more than the {gib(limit)} available ({where}); "
-        f"{hint}; or pass --ignore-memory-limit to try anyway"
+        f"{result.summary()}; or pass --ignore-memory-limit to try anyway", result
     )
 
 
 class MemoryLimitError(QwenMLXError, MemoryError):
-    """The estimated peak is above the machine's memory."""
+    """The estimated peak is above the machine's memory; ``check`` holds the estimate and the
+    advice."""
+
+    def __init__(self, message: str, check: MemoryCheck | None = None):
+        super().__init__(message)
+        self.check = check
 
 
 def source_inputs(source) -> tuple[dict, dict, str | None]:
@@ -450,7 +603,13 @@ def source_estimate(source, request: Request) -> Estimate:
     return estimate(tensors, request, configs, load_dtype)
 
 
-def check_source(source, request: Request, quant_bits: Iterable[int] = ()) -> Estimate:
+def source_check(source, request: Request, text_encoder_auto: bool = True) -> MemoryCheck:
+    """``check`` for a ``loading.ModelSource``: what ``info`` and ``--dry-run`` print."""
+    tensors, configs, load_dtype = source_inputs(source)
+    return check(tensors, request, configs, load_dtype, text_encoder_auto)
+
+
+def check_source(source, request: Request, text_encoder_auto: bool = True) -> Estimate:
     """``check_fits`` for a ``loading.ModelSource``."""
     tensors, configs, load_dtype = source_inputs(source)
-    return check_fits(tensors, request, configs, load_dtype, quant_bits)
+    return check_fits(tensors, request, configs, load_dtype, text_encoder_auto)

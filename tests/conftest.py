@@ -29,3 +29,13 @@ def tiny_qwen_image(tmp_path_factory):
 
     source = build_checkpoint(tmp_path_factory.mktemp("hf") / "qwen-image-tiny")[0]
     return source, convert_tiny(source, tmp_path_factory.mktemp("mlx") / "qwen-image-tiny")
+
+
+@pytest.fixture(scope="session")
+def fullsize_checkpoint(tmp_path_factory):
+    """The released Qwen-Image checkpoint's layout at full size, header-only: every shard is its
+    safetensors header followed by a hole (no disk used). For what reads headers only (memory
+    estimates, ``info``, ``--dry-run``); see tests/fullsize.py."""
+    from fullsize import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("fullsize") / "Qwen-Image", holes=True)

@@ -107,13 +107,13 @@ def test_refusal_names_the_estimate_and_what_would_fit(tmp_path, monkeypatch):
     request = Request(width=1328, height=1328, precision="fp32")
     monkeypatch.setattr(memory, "machine_memory", lambda: (64 * GiB, "mocked"))
     with pytest.raises(MemoryLimitError) as e:
-        check_fits(tensors, request, configs, quant_bits=(8, 4))
+        check_fits(tensors, request, configs)
     msg = str(e.value)
     est = estimate(tensors, request, configs)
     assert f"this needs about {memory.gib(est.peak)} while decoding" in msg
     assert "more than the 64.0 GiB available (mocked)" in msg
-    assert "--precision bf16" in msg and "converted with --quantize 4" in msg
-    assert "converted with --quantize 8" in msg
+    # in order: a 16-bit plan, quantized on load at 8 then 4 bits
+    assert msg.index("--precision bf16") < msg.index("--quantize 8") < msg.index("--quantize 4")
     assert "--ignore-memory-limit" in msg
     assert "\n" not in msg
     monkeypatch.setattr(memory, "machine_memory", lambda: (128 * GiB, "mocked"))
@@ -127,7 +127,8 @@ def test_a_smaller_size_is_offered_when_only_that_fits(tmp_path, monkeypatch):
     limit = estimate(tensors, Request(width=1024, height=1024, precision="bf16",
                                        low_memory=True, vae_tile=None), configs).peak  # fmt: skip
     fits = memory.alternatives(tensors, request, configs, limit)
-    assert [f.label for f in fits] == ["--width 1024 --height 1024"]
+    # quantizing on load fits too (named first); the size comes last
+    assert [f.label for f in fits] == ["--quantize 8", "--quantize 4", "--width 1024 --height 1024"]
 
 
 def test_memory_limit_from_the_environment(monkeypatch):

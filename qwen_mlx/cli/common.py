@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors and exit codes, option types, progress."""
+"""What every command shares: one-line errors and exit codes, option types."""
 
 from __future__ import annotations
 
@@ -69,25 +69,6 @@ def user_errors():
         raise typer.Exit(1) from None
     finally:
         warnings.showwarning = previous
-
-
-class Progress:
-    """A one-line progress bar on stderr (step, per-step time, ETA), fed by ``StepEvent``s."""
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def __call__(self, event) -> None:
-        step, total = event.index, event.total
-        per = event.elapsed / max(step, 1)
-        width = 24
-        bar = "#" * (width * step // total) + "-" * (width - width * step // total)
-        typer.echo(
-            f"\r{self.label} [{bar}] {step}/{total}  {per:.2f} s/step  "
-            f"ETA {per * (total - step):.0f} s",
-            err=True,
-            nl=step == total,
-        )
 
 
 class Timer:

@@ -50,6 +50,7 @@ def convert(
     from qwen_mlx.convert import ConvertOptions, convert_checkpoint
     from qwen_mlx.convert.errors import ConversionInterrupted
     from qwen_mlx.device import auto_precision
+    from qwen_mlx.progress import Progress
     from qwen_mlx.quantize import text_encoder_bits
 
     with user_errors():
@@ -70,10 +71,16 @@ def convert(
             group_size=group_size,
             quantize_text_encoder=te_bits,
         )
-        try:
-            out = convert_checkpoint(
-                src, dst, options, force=force, log=lambda m: typer.echo(m, err=True)
-            )
+        try:  # per component and shard: bytes done of the total, rate, time left
+            with Progress() as progress:
+                out = convert_checkpoint(
+                    src,
+                    dst,
+                    options,
+                    force=force,
+                    log=lambda m: typer.echo(m, err=True),
+                    progress=lambda event: progress(event.update()),
+                )
         except (KeyboardInterrupt, ConversionInterrupted) as e:
             typer.echo(f"error: {e or 'interrupted'}; nothing was written to {dst}", err=True)
             raise typer.Exit(128 + getattr(e, "signum", 2)) from None

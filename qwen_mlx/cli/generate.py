@@ -29,7 +29,6 @@ from qwen_mlx.cli.common import (
     OutputOpt,
     OverwriteOpt,
     PrecisionOpt,
-    Progress,
     QuantizeOpt,
     QuantizeTextOpt,
     SeedOpt,
@@ -141,6 +140,7 @@ def run(
     from qwen_mlx import memory
     from qwen_mlx.outputs import check_not_inputs, check_outputs
     from qwen_mlx.pipelines.txt2img import random_seed
+    from qwen_mlx.progress import Progress
     from qwen_mlx.quantize import check_bits, text_encoder_bits
     from qwen_mlx.request import ImageResult
 
@@ -169,7 +169,8 @@ def run(
     if dry_run:
         from qwen_mlx.cli.info import memory_lines
 
-        lines, fits = memory_lines(pipe.source, pipe.memory_request(request))
+        auto = quantize_text_encoder == "auto"
+        lines, fits = memory_lines(pipe.source, pipe.memory_request(request), auto)
         for line in lines:
             typer.echo(line)
         typer.echo(
@@ -189,13 +190,13 @@ def run(
         pipe.load_lora(path, scale)  # checked against the transformer's shapes here
 
     where = dict(zip(request.seeds, paths, strict=True))
-    progress: dict[int, Progress] = {}
     misplaced = []
-    for event in pipe.generate(request):
-        if isinstance(event, ImageResult):
-            _save(event, where[event.seed], overwrite, misplaced)
-        else:
-            progress.setdefault(event.seed, Progress(f"seed {event.seed}"))(event)
+    with Progress() as progress:  # rich on a terminal, plain lines otherwise
+        for event in pipe.generate(request):
+            if isinstance(event, ImageResult):
+                _save(event, where[event.seed], overwrite, misplaced)
+            else:
+                progress.step(event)  # "seed N": steps, seconds per step, time left
     elapsed = time.perf_counter() - start
     import mlx.core as mx
 

@@ -105,18 +105,16 @@ def info(
         quantized = quantize or "quantization" in configs.get("transformer", {})
         if quantized:
             request = dataclasses.replace(request, vae_tile=memory.LEAN_DECODE_TILE)
-        est = memory.estimate(tensors, request, configs, load_dtype)
-        limit, where = memory.machine_memory()
-        for line in stage_lines(est):
+        auto = quantize_text_encoder == "auto"
+        check = memory.check(tensors, request, configs, load_dtype, text_encoder_auto=auto)
+        for line in stage_lines(check.estimate):
             typer.echo(line)
         typer.echo(
-            f"estimated peak memory at {width}x{height}: {est.describe()}; "
-            f"this machine: {memory.gib(limit)} ({where})"
+            f"estimated peak memory at {width}x{height}: {check.estimate.describe()}; "
+            f"this machine: {memory.gib(check.limit)} ({check.where})"
         )
-        if est.peak > limit:
-            fits = memory.alternatives(tensors, request, configs, limit, load_dtype)
-            hint = "; ".join(f"{f.label} (~{memory.gib(f.peak)})" for f in fits) or "nothing"
-            typer.echo(f"does not fit; would fit: {hint}")
+        if not check.fits:
+            typer.echo("does not fit; " + "\n".join(check.advice_lines()))
 
 
 def stage_lines(est) -> list[str]:
@@ -130,13 +128,13 @@ def stage_lines(est) -> list[str]:
     ]
 
 
-def memory_lines(source, request) -> tuple[list[str], bool]:
-    """What ``--dry-run`` prints (the run's settings, each stage, the peak) and whether the
-    plan fits this machine."""
+def memory_lines(source, request, text_encoder_auto: bool = True) -> tuple[list[str], bool]:
+    """What ``--dry-run`` prints (the run's settings, each stage, the peak, what would fit)
+    and whether the plan fits this machine. ``text_encoder_auto``: ``--quantize-text-encoder``
+    is auto (the advice's ``--quantize`` then prices an 8-bit language model)."""
     from qwen_mlx import memory
 
-    est = memory.source_estimate(source, request)
-    limit, where = memory.machine_memory()
+    check = memory.source_check(source, request, text_encoder_auto)
     what = (
         f"memory plan for {request.width}x{request.height}{', true CFG' if request.cfg else ''}:"
         f" transformer {f'{request.quant_bits}-bit' if request.quant_bits else 'as stored'}"
@@ -145,16 +143,4 @@ def memory_lines(source, request) -> tuple[list[str], bool]:
     )
     if request.controlnet_weights:
         what += f"; ControlNet {memory.gib(request.controlnet_weights)}"
-    fits = est.peak <= limit
-    lines = [
-        what,
-        *stage_lines(est),
-        f"expected peak: {est.describe()}; this machine: {memory.gib(limit)} ({where}): "
-        f"{'fits' if fits else 'does NOT fit'}",
-    ]
-    if not fits:
-        tensors, configs, load_dtype = memory.source_inputs(source)
-        alts = memory.alternatives(tensors, request, configs, limit, load_dtype)
-        hint = "; ".join(f"{f.label} (~{memory.gib(f.peak)})" for f in alts) or "nothing"
-        lines.append(f"would fit: {hint}")
-    return lines, fits
+    return [what, *check.lines()], check.fits
