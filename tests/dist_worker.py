@@ -1,0 +1,74 @@
+"""One rank of a test job (tests/test_distributed.py starts N of these over loopback).
+
+    python dist_worker.py tensor CKPT OUT [--ckpt-for-rank R=PATH] [--quantize BITS]
+
+Loads CKPT's transformer (rank R reads PATH instead: a corrupt copy), sharded over the group
+when there is one, runs one forward pass on fixed inputs; rank 0 writes OUT/out.npy, every rank
+OUT/bytes.<rank> (its parameter bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from qwen_mlx.distributed import World, parameter_bytes, read_sharded, report_errors
+from qwen_mlx.io import read_json
+from qwen_mlx.models.transformer import QwenImageTransformer
+
+SHAPES = [[(1, 3, 4)]] * 2
+
+
+def inputs(config: dict):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 12, config["in_channels"])).astype(np.float32)
+    enc = rng.standard_normal((2, 5, config["joint_attention_dim"])).astype(np.float32)
+    mask = np.ones((2, 5), dtype=np.int32)
+    mask[1, 3:] = 0
+    return mx.array(x), mx.array(enc), mx.array(mask), mx.array([0.7, 0.3])
+
+
+def load(folder: Path, world: World, quantize: int | None) -> QwenImageTransformer:
+    config = read_json(folder / "config.json")
+    if world.distributed:
+        weights = read_sharded(folder, world.rank, world.size)
+        return QwenImageTransformer.from_weights(
+            config, weights, where=str(folder), quantize=quantize, group=world.group
+        )
+    weights = read_sharded(folder, 0, 1)
+    return QwenImageTransformer.from_weights(config, weights, where=str(folder), quantize=quantize)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["tensor"])
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--ckpt-for-rank", default=None)
+    ap.add_argument("--quantize", type=int, default=None)
+    args = ap.parse_args()
+    world = World.init()
+    with report_errors(world):
+        folder = args.ckpt / "transformer"
+        if args.ckpt_for_rank:
+            rank, path = args.ckpt_for_rank.split("=", 1)
+            if int(rank) == world.rank:
+                folder = Path(path) / "transformer"
+        with world.agree("loading the transformer"):
+            model = load(folder, world, args.quantize)
+            mx.eval(model.parameters())
+        out = model(*inputs(read_json(folder / "config.json")), SHAPES)
+        world.run(out, "running the transformer")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"bytes.{world.rank}").write_text(str(parameter_bytes(model)))
+        if world.is_main:
+            np.save(args.out / "out.npy", np.array(out))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
