@@ -367,6 +367,18 @@ class CfgSplit:
     def pairs(self) -> int:
         return self.size // 2
 
+    def rows(self, batch: int) -> slice:
+        """This rank's rows of a ``[cond (batch rows); uncond (batch rows)]`` CFG batch."""
+        return slice(self.branch * batch, (self.branch + 1) * batch)
+
+    def gather(self, world: World, v: mx.array) -> tuple[mx.array, mx.array]:
+        """(cond, uncond) velocity of this rank's image(s), from every rank's branch ``v``:
+        one ``all_gather`` (each process sends its ``v`` to the others)."""
+        rows = world.all_gather(v, "exchanging the CFG velocities")
+        b = v.shape[0]
+        start = 2 * self.pair * b
+        return rows[start : start + b], rows[start + b : start + 2 * b]
+
 
 # ----------------------------------------------------------------------------- tensor parallel
 

@@ -1,10 +1,12 @@
 """One rank of a test job (tests/test_distributed.py starts N of these over loopback).
 
-    python dist_worker.py tensor CKPT OUT [--ckpt-for-rank R=PATH] [--quantize BITS]
+    python dist_worker.py tensor|cfg CKPT OUT [--ckpt-for-rank R=PATH] [--quantize BITS]
 
-Loads CKPT's transformer (rank R reads PATH instead: a corrupt copy), sharded over the group
-when there is one, runs one forward pass on fixed inputs; rank 0 writes OUT/out.npy, every rank
-OUT/bytes.<rank> (its parameter bytes).
+tensor: loads CKPT's transformer (rank R reads PATH instead: a corrupt copy), sharded over the
+group when there is one, runs one forward pass on fixed inputs; rank 0 writes OUT/out.npy,
+every rank OUT/bytes.<rank> (its parameter bytes).
+cfg: the whole transformer on every rank; one true-CFG velocity (cond = row 0, uncond = row 1
+of the fixed inputs), each rank computing its branch when there is a group; rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx.distributed import World, parameter_bytes, read_sharded, report_errors
+from qwen_mlx.distributed import CfgSplit, World, parameter_bytes, read_sharded, report_errors
 from qwen_mlx.io import read_json
 from qwen_mlx.models.transformer import QwenImageTransformer
+from qwen_mlx.sampler import true_cfg
 
 SHAPES = [[(1, 3, 4)]] * 2
 
@@ -32,9 +35,9 @@ def inputs(config: dict):
     return mx.array(x), mx.array(enc), mx.array(mask), mx.array([0.7, 0.3])
 
 
-def load(folder: Path, world: World, quantize: int | None) -> QwenImageTransformer:
+def load(folder: Path, world: World, quantize: int | None, mode: str) -> QwenImageTransformer:
     config = read_json(folder / "config.json")
-    if world.distributed:
+    if world.distributed and mode == "tensor":
         weights = read_sharded(folder, world.rank, world.size)
         return QwenImageTransformer.from_weights(
             config, weights, where=str(folder), quantize=quantize, group=world.group
@@ -45,7 +48,7 @@ def load(folder: Path, world: World, quantize: int | None) -> QwenImageTransform
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["tensor"])
+    ap.add_argument("mode", choices=["tensor", "cfg"])
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--ckpt-for-rank", default=None)
@@ -59,10 +62,21 @@ def main() -> None:
             if int(rank) == world.rank:
                 folder = Path(path) / "transformer"
         with world.agree("loading the transformer"):
-            model = load(folder, world, args.quantize)
+            model = load(folder, world, args.quantize, args.mode)
             mx.eval(model.parameters())
-        out = model(*inputs(read_json(folder / "config.json")), SHAPES)
-        world.run(out, "running the transformer")
+        x, enc, mask, _ = inputs(read_json(folder / "config.json"))
+        sigma = mx.array([0.7])
+        if args.mode == "tensor":
+            out = model(*inputs(read_json(folder / "config.json")), SHAPES)
+            world.run(out, "running the transformer")
+        elif world.distributed:  # cfg: one branch per rank, one all_gather
+            split = CfgSplit(world.rank, world.size)
+            rows = split.rows(1)
+            v = model(x[:1], enc[rows], mask[rows], sigma, SHAPES[:1])
+            out = true_cfg(*split.gather(world, v), 4.0)
+        else:  # cfg in one process: the [cond; uncond] batch, as the pipeline runs it
+            v = model(mx.concatenate([x[:1], x[:1]]), enc, mask, sigma, SHAPES)
+            out = true_cfg(v[:1], v[1:], 4.0)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"bytes.{world.rank}").write_text(str(parameter_bytes(model)))
         if world.is_main:

@@ -92,6 +92,19 @@ def test_tensor_parallel_two_processes_match_one(ckpt, single, key, tmp_path):
         assert all(b <= 0.6 * one for b in per_rank), (per_rank, one)
 
 
+def test_cfg_parallel_is_identical(ckpt, tmp_path):
+    """CFG split over two processes (rank 0 the prompt branch, rank 1 the negative one, with a
+    padded mask) gives the very velocity of the one-process [cond; uncond] batch: float32,
+    bit for bit (each row of a batch is computed independently)."""
+    outs = []
+    for n in (1, 2):
+        result = job(n, "cfg", str(ckpt["f32"]), str(tmp_path / str(n)))
+        assert result.returncodes == [0] * n, result.stderr
+        outs.append(np.load(tmp_path / str(n) / "out.npy"))
+    assert np.array_equal(outs[0], outs[1])
+    assert np.abs(outs[0]).max() > 0
+
+
 def test_tensor_parallel_four_processes(ckpt, single, tmp_path):
     single, one = single("f32")
     split, per_rank = run_tensor(ckpt, "f32", 4, tmp_path / "4")
