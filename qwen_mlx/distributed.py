@@ -257,6 +257,22 @@ class World:
             return x
         return self.run(mx.distributed.all_max(x, group=self.group), what)
 
+    def gather_images(
+        self, image: np.ndarray | None, shape: tuple[int, ...], what: str = "gathering images"
+    ) -> list[np.ndarray | None]:
+        """Every rank's uint8 ``image`` (of ``shape``; None: this rank has none this round), in
+        rank order, on every rank (one ``all_gather``; rank 0 is the one that writes them)."""
+        if not self.distributed:
+            return [image]
+        buf = np.zeros((1, 1 + int(np.prod(shape))), dtype=np.uint8)
+        if image is not None:
+            if tuple(image.shape) != tuple(shape):
+                raise ValueError(f"image of shape {image.shape}, expected {shape}")
+            buf[0, 0] = 1
+            buf[0, 1:] = image.astype(np.uint8).reshape(-1)
+        rows = np.array(self.all_gather(mx.array(buf), what))
+        return [row[1:].reshape(shape) if row[0] else None for row in rows]
+
     # -- checkpoints
 
     def check(self, error: BaseException | None, what: str) -> None:
