@@ -141,6 +141,32 @@ def projection(n: int = 2, tokens: int = 4096, text: int = 100) -> dict[str, int
     return {"cfg": cfg, "seeds": 0, "tensor": tensor, "tensor + true CFG": 2 * tensor}
 
 
+class _Rank:
+    """A stand-in group (size and rank only) to build a sharded model's shapes, nothing run."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+    def rank(self) -> int:
+        return 0
+
+
+def weight_share(n: int, modulation: bool = True) -> float:
+    """Per-process share of the released transformer's weights under tensor parallel over n
+    (from the shapes: the lazily built model is never evaluated)."""
+    from qwen_mlx.distributed import parameter_bytes, shard_transformer
+
+    model = QwenImageTransformer(TransformerConfig())
+    if not modulation:
+        model.drop_modulation()
+    full = parameter_bytes(model)
+    shard_transformer(model, _Rank(n))
+    return parameter_bytes(model) / full
+
+
 def mib(b: float) -> str:
     return f"{b / 2**20:,.2f} MiB" if b < 2**30 else f"{b / 2**30:,.2f} GiB"
 
@@ -188,6 +214,13 @@ def main() -> None:
     for mode, b in projection().items():
         times = " | ".join(f"{b / rate * 1000:,.1f} ms" for rate in LINKS.values())
         print(f"| {mode} | {mib(b)} | {times} |")
+    print()
+    print("Tensor parallel, each process's share of the released transformer's weights:")
+    for k in (2, 4):
+        print(
+            f"  N={k}: {weight_share(k):.3f} (adaLN cache, no modulation weights: "
+            f"{weight_share(k, modulation=False):.3f})"
+        )
 
 
 if __name__ == "__main__":

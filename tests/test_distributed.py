@@ -83,7 +83,7 @@ def test_tensor_parallel_two_processes_match_one(ckpt, single, key, tmp_path):
     relative: the only difference is the summation order of the sharded-to-all partial
     products (measured 1.0e-6 float32, 7.9e-7 8-bit). Each rank holds <= 0.6x the weights
     (measured 0.537x float32; the replicated in/out layers are a larger share of a tiny model
-    than of the real one, where the ratio is 0.502)."""
+    than of the real one, where the ratio is 0.501)."""
     single, one = single(key)
     split, per_rank = run_tensor(ckpt, key, 2, tmp_path / "2")
     assert rel(split, single) < 1e-5
