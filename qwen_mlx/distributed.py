@@ -23,6 +23,8 @@ peer went away, so a dead rank ends the others' collectives at once. Two things 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import sys
@@ -273,6 +275,31 @@ class World:
         rows = np.array(self.all_gather(mx.array(buf), what))
         return [row[1:].reshape(shape) if row[0] else None for row in rows]
 
+    def broadcast_json(self, value, what: str = "sharing the request"):
+        """Rank 0's JSON-able ``value`` on every rank (e.g. seeds rank 0 drew at random)."""
+        if not self.distributed:
+            return value
+        data = json.dumps(value).encode() if self.is_main else b""
+        n = int(np.array(self.all_max(mx.array([len(data)], dtype=mx.int32), what))[0])
+        buf = np.zeros((1, max(n, 1)), dtype=np.uint8)
+        buf[0, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+        row = np.array(self.all_gather(mx.array(buf), what))[0]
+        return json.loads(bytes(row[:n]).decode())
+
+    def check_same(self, text: str, what: str = "the request") -> None:
+        """Raise on every rank unless every rank holds the same ``text`` (a request's
+        description): the processes must have been started with the same command."""
+        if not self.distributed:
+            return
+        digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8)
+        rows = np.array(self.all_gather(mx.array(digest)[None], f"comparing {what}"))
+        differ = [r for r in range(self.size) if not np.array_equal(rows[r], rows[0])]
+        if differ:
+            raise DistributedError(
+                f"rank {differ[0]} got a different {what} than rank 0: start every process "
+                f"with the same command and files"
+            )
+
     # -- checkpoints
 
     def check(self, error: BaseException | None, what: str) -> None:
@@ -341,6 +368,46 @@ _DTYPES = [
 
 
 # ----------------------------------------------------------------------------- work splits
+
+
+def choose_mode(
+    mode: str, size: int, *, fits: bool, true_cfg: bool, seeds: int, config: dict
+) -> str | None:
+    """The parallel mode a job of ``size`` processes runs (None: one process, nothing to
+    split), or a one-line ValueError saying why ``mode`` cannot.
+
+    auto: tensor when one process's memory plan does not fit; else cfg under true CFG (an even
+    number of processes); else seeds when there are several; else refuse.
+    """
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if size == 1:
+        return None
+    if mode == "auto":
+        if not fits:
+            mode = "tensor"
+        elif true_cfg and size % 2 == 0:
+            mode = "cfg"
+        elif seeds > 1:
+            mode = "seeds"
+        else:
+            raise ValueError(
+                f"--parallel auto: nothing to split across {size} processes (the model fits one "
+                f"process, {'CFG is off' if not true_cfg else 'the process count is odd'} and "
+                f"there is one seed); pass several --seed, or --parallel tensor"
+            )
+    if mode == "cfg":
+        if not true_cfg:
+            raise ValueError(
+                "--parallel cfg splits the two true-CFG branches: it needs --cfg above 1 and a "
+                "negative prompt"
+            )
+        CfgSplit(0, size)  # an even process count
+    elif mode == "seeds" and seeds < 2:
+        raise ValueError("--parallel seeds needs at least two seeds (repeat --seed)")
+    elif mode == "tensor":
+        check_tensor_parallel(config, size)
+    return mode
 
 
 def split_seeds(seeds: Sequence[int], rank: int, size: int) -> list[int]:

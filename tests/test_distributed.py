@@ -19,6 +19,7 @@ from qwen_mlx.distributed import (
     CfgSplit,
     World,
     check_tensor_parallel,
+    choose_mode,
     run_local,
     split_seeds,
     weight_axis,
@@ -195,6 +196,29 @@ def test_seed_and_cfg_splits():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="even number"):
         CfgSplit(0, 3)
+
+
+def test_auto_mode():
+    cfg = {"num_attention_heads": 24, "attention_head_dim": 128}
+
+    def pick(size=2, fits=True, true_cfg=True, seeds=1, mode="auto"):
+        return choose_mode(mode, size, fits=fits, true_cfg=true_cfg, seeds=seeds, config=cfg)
+
+    assert pick(size=1) is None
+    assert pick(fits=False) == "tensor"
+    assert pick() == "cfg"
+    assert pick(size=3, seeds=3) == "seeds"
+    assert pick(true_cfg=False, seeds=2) == "seeds"
+    with pytest.raises(ValueError, match="nothing to split across 2 processes"):
+        pick(true_cfg=False)
+    with pytest.raises(ValueError, match="needs --cfg above 1"):
+        pick(mode="cfg", true_cfg=False)
+    with pytest.raises(ValueError, match="even number"):
+        pick(mode="cfg", size=3)
+    with pytest.raises(ValueError, match="at least two seeds"):
+        pick(mode="seeds")
+    with pytest.raises(ValueError, match="do not divide"):
+        pick(mode="tensor", size=5)
 
 
 def test_world_of_one_does_the_local_thing():
