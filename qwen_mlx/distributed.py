@@ -46,6 +46,7 @@ from mlx.nn.layers.distributed import (
 
 from qwen_mlx.errors import CheckpointError, QwenMLXError
 from qwen_mlx.io import list_shards, safetensors_header
+from qwen_mlx.quantize import GROUP_SIZE
 
 PARALLEL_MODES = ("auto", "cfg", "seeds", "tensor")
 TIMEOUT_ENV = "QWEN_MLX_DIST_TIMEOUT"
@@ -286,6 +287,22 @@ class World:
         row = np.array(self.all_gather(mx.array(buf), what))[0]
         return json.loads(bytes(row[:n]).decode())
 
+    def gather_json(self, value, what: str = "gathering results") -> list:
+        """Every rank's JSON-able ``value``, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        data = json.dumps(value).encode()
+        n = int(np.array(self.all_max(mx.array([len(data)], dtype=mx.int32), what))[0])
+        buf = np.zeros((1, n + 4), dtype=np.uint8)
+        buf[0, :4] = np.frombuffer(np.array([len(data)], dtype="<u4").tobytes(), dtype=np.uint8)
+        buf[0, 4 : 4 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        rows = np.array(self.all_gather(mx.array(buf), what))
+        out = []
+        for row in rows:
+            size = int(np.frombuffer(row[:4].tobytes(), dtype="<u4")[0])
+            out.append(json.loads(bytes(row[4 : 4 + size]).decode()))
+        return out
+
     def check_same(self, text: str, what: str = "the request") -> None:
         """Raise on every rank unless every rank holds the same ``text`` (a request's
         description): the processes must have been started with the same command."""
@@ -519,8 +536,9 @@ def weight_axis(name: str) -> int | None:
     return None if param == "bias" else -1
 
 
-def check_tensor_parallel(config: dict, size: int) -> None:
-    """One-line ValueError unless a transformer with ``config`` splits over ``size`` ranks."""
+def check_tensor_parallel(config: dict, size: int, quantize: int | None = None) -> None:
+    """One-line ValueError unless a transformer with ``config`` (quantized, or to be quantized
+    at load when ``quantize``) splits over ``size`` ranks."""
     heads = int(config.get("num_attention_heads", 24))
     head_dim = int(config.get("attention_head_dim", 128))
     if heads % size:
@@ -530,9 +548,9 @@ def check_tensor_parallel(config: dict, size: int) -> None:
             f"{[n for n in range(2, heads + 1) if heads % n == 0]})"
         )
     quant = config.get("quantization") or {}
-    group = int(quant.get("group_size", 64) or 64)
+    group = int(quant.get("group_size", GROUP_SIZE) or GROUP_SIZE)
     width = heads * head_dim
-    if quant and (width // size) % group:
+    if (quant or quantize) and (width // size) % group:
         raise ValueError(
             f"--parallel tensor: each process's slice of a quantized layer ({width // size} "
             f"inputs) must be a multiple of the quantization group size {group}"
@@ -661,6 +679,34 @@ def shard_weights(
             mx.eval(w)
         out[name] = w
     return out
+
+
+def sharded_transformer_weights(
+    source,
+    world: World,
+    modulation: bool = True,
+    fuse: Callable[[dict], dict] | None = None,
+) -> tuple[dict, dict[str, mx.array]]:
+    """(config, this rank's slices of the transformer weights) of a ``loading.ModelSource``.
+
+    A converted checkpoint is read slice by slice from disk (``read_sharded``); a diffusers
+    folder (converted as it loads) or weights a LoRA is fused into (``fuse``: full weights ->
+    fused weights) are sliced in memory one tensor at a time. ``modulation=False`` (adaLN
+    cache) never reads the modulation weights.
+    """
+    from qwen_mlx.models.transformer import MODULATION_WEIGHTS
+
+    folder = source.folder("transformer")
+    keep = None if modulation else (lambda k: not MODULATION_WEIGHTS.match(k))
+    if source.converted and fuse is None:
+        config = source.config("transformer")
+        return config, read_sharded(folder, world.rank, world.size, keep=keep)
+    config, weights = source.component("transformer")
+    if fuse is not None:
+        weights = fuse(weights)
+    if keep is not None:
+        weights = {k: v for k, v in weights.items() if keep(k)}
+    return config, shard_weights(weights, world.rank, world.size)
 
 
 def parameter_bytes(model: nn.Module) -> int:
