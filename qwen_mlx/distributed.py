@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -438,14 +438,16 @@ def seed_owner(index: int, size: int) -> int:
 
 @dataclass(frozen=True)
 class CfgSplit:
-    """Which rows of a true-CFG batch ``[cond rows; uncond rows]`` this rank computes.
+    """Which rows of a true-CFG batch ``[cond rows; uncond rows]`` this rank computes: the
+    Denoiser's per-step hook (``Denoiser.cfg_split``).
 
-    Rank r computes branch r % 2 of image r // 2 in each round (``pairs`` = size // 2 images per
-    round); ``gather`` stitches every rank's velocity back into the batch order.
+    Rank r computes branch r % 2 of image r // 2 (``pairs`` = size // 2 images at a time);
+    ``gather`` stitches the pair's two velocities back together with one ``all_gather``.
     """
 
     rank: int
     size: int
+    world: World | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.size < 2 or self.size % 2:
@@ -453,6 +455,10 @@ class CfgSplit:
                 f"--parallel cfg needs an even number of processes (one per CFG branch), "
                 f"got {self.size}"
             )
+
+    @classmethod
+    def of(cls, world: World) -> CfgSplit:
+        return cls(world.rank, world.size, world)
 
     @property
     def branch(self) -> int:
@@ -471,10 +477,10 @@ class CfgSplit:
         """This rank's rows of a ``[cond (batch rows); uncond (batch rows)]`` CFG batch."""
         return slice(self.branch * batch, (self.branch + 1) * batch)
 
-    def gather(self, world: World, v: mx.array) -> tuple[mx.array, mx.array]:
+    def gather(self, v: mx.array) -> tuple[mx.array, mx.array]:
         """(cond, uncond) velocity of this rank's image(s), from every rank's branch ``v``:
         one ``all_gather`` (each process sends its ``v`` to the others)."""
-        rows = world.all_gather(v, "exchanging the CFG velocities")
+        rows = self.world.all_gather(v, "exchanging the CFG velocities")
         b = v.shape[0]
         start = 2 * self.pair * b
         return rows[start : start + b], rows[start + b : start + 2 * b]
@@ -798,3 +804,95 @@ def run_local(
             texts.append(f.read())
             f.close()
     return LocalJob([p.returncode for p in procs], texts[0::2], texts[1::2], seconds, timed_out)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def memory_fits(pipe, req) -> bool:
+    """Whether one process's memory plan for ``req`` fits this machine."""
+    from qwen_mlx.memory import MemoryLimitError
+
+    try:
+        pipe.check_memory(req)
+    except MemoryLimitError:
+        return False
+    return True
+
+
+def prepare_request(pipe, request, world: World):
+    """``pipe.prepare(request)`` on every rank, as one: a rank that fails fails them all (its
+    input files may differ from rank 0's), the seeds are rank 0's (it drew any random one),
+    and the prepared requests must be identical."""
+    with world.agree("checking the request"):
+        req = pipe.prepare(request)
+    seeds = world.broadcast_json(list(req.seeds), "sharing the seeds")
+    req = req.replace(seeds=tuple(seeds))
+    world.check_same(json.dumps(req.metadata(), sort_keys=True, default=str), "request")
+    return req
+
+
+def generate(pipe, request, cancel, world: World, mode: str):
+    """``pipe.generate`` as one job over ``world`` in ``mode`` (cfg, seeds or tensor; the
+    pipeline already holds its sharded transformer under tensor). Every rank runs this
+    generator; rank 0 yields its own ``StepEvent``s and every image of the job, in seed
+    order; the other ranks yield nothing.
+
+    seeds: rank r samples seeds r, r + N, ...; cfg: pair p = r // 2 samples seeds p, p + N/2,
+    ... (a pair left without a seed in the last round samples a filler, to keep every step's
+    all_gather in step, and drops it); after each round the images meet on every rank (one
+    all_gather) and rank 0 yields them.
+    """
+    from PIL import Image
+
+    from qwen_mlx.request import ImageResult
+
+    seeds = list(request.seeds)
+    if mode == "tensor":
+        for event in pipe.generate(request, cancel, local=True):
+            if world.is_main:
+                yield event
+        return
+    workers, unit = (
+        (world.size, world.rank) if mode == "seeds" else (world.size // 2, world.rank // 2)
+    )
+    mine = seeds[unit::workers]
+    rounds = -(-len(seeds) // workers)
+    filler = mode == "cfg" and len(mine) < rounds
+    if filler:
+        mine.append(seeds[-1])
+    owner = mode == "seeds" or world.rank % 2 == 0  # whose images rank 0 keeps
+    shape = (request.height, request.width, 3)
+    done = 0
+
+    def meet(result):
+        """One round's images on every rank; rank 0 gets them in seed order."""
+        keep = result is not None and owner and not (filler and done == rounds - 1)
+        image = np.asarray(result.image.convert("RGB"), dtype=np.uint8) if keep else None
+        images = world.gather_images(image, shape)
+        metas = world.gather_json(result.metadata if keep else None, "gathering images")
+        out = []
+        for r in range(world.size):
+            if images[r] is not None:
+                out.append(ImageResult(metas[r]["seed"], Image.fromarray(images[r]), metas[r]))
+        return out
+
+    pipe.cfg_split = CfgSplit.of(world) if mode == "cfg" else None  # the Denoiser's hook
+    try:
+        if mine:
+            sub = request.replace(seeds=tuple(mine))
+            for event in pipe.generate(sub, cancel, local=True):
+                if isinstance(event, ImageResult):
+                    results = meet(event)
+                    done += 1
+                    if world.is_main:
+                        yield from results
+                elif world.is_main:
+                    yield event
+    finally:
+        pipe.cfg_split = None
+    while done < rounds:  # this rank has no seed left: join the remaining rounds empty-handed
+        results = meet(None)
+        done += 1
+        if world.is_main:
+            yield from results

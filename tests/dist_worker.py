@@ -70,10 +70,10 @@ def main() -> None:
             out = model(*inputs(read_json(folder / "config.json")), SHAPES)
             world.run(out, "running the transformer")
         elif world.distributed:  # cfg: one branch per rank, one all_gather
-            split = CfgSplit(world.rank, world.size)
+            split = CfgSplit.of(world)
             rows = split.rows(1)
             v = model(x[:1], enc[rows], mask[rows], sigma, SHAPES[:1])
-            out = true_cfg(*split.gather(world, v), 4.0)
+            out = true_cfg(*split.gather(v), 4.0)
         else:  # cfg in one process: the [cond; uncond] batch, as the pipeline runs it
             v = model(mx.concatenate([x[:1], x[:1]]), enc, mask, sigma, SHAPES)
             out = true_cfg(v[:1], v[1:], 4.0)
