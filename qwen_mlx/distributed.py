@@ -128,9 +128,12 @@ class Watchdog:
         try:
             yield
         finally:
-            with self._lock:
-                self._deadline, self._what, self._seconds = outer
+            with self._lock:  # an enclosing guard's clock restarts: this one made progress
+                deadline, self._what, self._seconds = outer
+                self._deadline = None if deadline is None else time.monotonic() + outer[2]
 
+
+_WORLD: World | None = None  # this process's group, joined once
 
 _WATCHER = """
 import os, select, signal, sys
@@ -193,12 +196,16 @@ class World:
         Joining waits for every peer, inside MLX and holding the GIL (no Python thread runs
         meanwhile), so a small watcher process ends this one if a peer never comes up.
         """
+        global _WORLD
+        if _WORLD is not None:  # once per process: a second init would join again
+            return _WORLD
         if not launched():
             return cls(None)
         rank = int(os.environ.get("MLX_RANK", "0") or 0)
         with _process_watch(rank, "joining the group"):
             group = mx.distributed.init(strict=True, backend=backend)
-        return cls(group if group.size() > 1 else None)
+        _WORLD = cls(group if group.size() > 1 else None)
+        return _WORLD
 
     @property
     def is_main(self) -> bool:
@@ -354,6 +361,24 @@ class World:
         self.check(None, what)
 
 
+def error_line(e: BaseException) -> str | None:
+    """How the CLI reports ``e`` in a job of several processes: the line (None: say nothing,
+    rank 0 reports it). Rank 0 says it all; another rank only what rank 0 cannot know (its own
+    error outside a checkpoint)."""
+    world = _WORLD
+    rank = world.rank if world is not None else 0
+    text = (
+        "another process of the job failed or stopped (lost the connection to it)"
+        if peer_lost(e)
+        else one_line(e)
+    )
+    if rank == 0:
+        return text
+    if isinstance(e, DistributedError) or peer_lost(e) or getattr(e, "reported_to_peers", False):
+        return None
+    return f"rank {rank}: {text}"
+
+
 @contextmanager
 def report_errors(world: World, prog: str = "qwen-mlx") -> Iterator[None]:
     """Turn any failure into one line on stderr and exit status 1, on every rank.
@@ -396,8 +421,7 @@ def choose_mode(
     auto: tensor when one process's memory plan does not fit; else cfg under true CFG (an even
     number of processes); else seeds when there are several; else refuse.
     """
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    check_parallel(mode)
     if size == 1:
         return None
     if mode == "auto":
@@ -424,6 +448,12 @@ def choose_mode(
         raise ValueError("--parallel seeds needs at least two seeds (repeat --seed)")
     elif mode == "tensor":
         check_tensor_parallel(config, size)
+    return mode
+
+
+def check_parallel(mode: str) -> str:
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
     return mode
 
 
@@ -688,31 +718,38 @@ def shard_weights(
 
 
 def sharded_transformer_weights(
-    source,
-    world: World,
-    modulation: bool = True,
-    fuse: Callable[[dict], dict] | None = None,
-) -> tuple[dict, dict[str, mx.array]]:
-    """(config, this rank's slices of the transformer weights) of a ``loading.ModelSource``.
+    source, world: World, modulation: bool = True, loras: Sequence = ()
+) -> tuple[dict, dict[str, mx.array], bool]:
+    """(config, this rank's slices of the transformer weights, whether ``loras`` were fused)
+    of a ``loading.ModelSource``, for ``QwenImageTransformer.from_weights(..., group=...)``.
 
     A converted checkpoint is read slice by slice from disk (``read_sharded``); a diffusers
-    folder (converted as it loads) or weights a LoRA is fused into (``fuse``: full weights ->
-    fused weights) are sliced in memory one tensor at a time. ``modulation=False`` (adaLN
-    cache) never reads the modulation weights.
+    folder (converted as it loads) or weights the LoRAs are fused into are sliced in memory one
+    tensor at a time. ``modulation=False`` (adaLN cache) never reads the modulation weights.
+    LoRAs on a quantized checkpoint (they would sit beside the sharded layers) are refused.
     """
+    from qwen_mlx.lora import fuse_weights
     from qwen_mlx.models.transformer import MODULATION_WEIGHTS
+    from qwen_mlx.precision import PrecisionPlan
 
     folder = source.folder("transformer")
+    config = source.config("transformer")
+    check_tensor_parallel(config, world.size)
     keep = None if modulation else (lambda k: not MODULATION_WEIGHTS.match(k))
-    if source.converted and fuse is None:
-        config = source.config("transformer")
-        return config, read_sharded(folder, world.rank, world.size, keep=keep)
+    if loras and "quantization" in config:
+        raise ValueError(
+            "--parallel tensor fuses LoRAs into float weights: use a float checkpoint (and "
+            "--quantize) with LoRAs"
+        )
+    if source.converted and not loras:
+        return config, read_sharded(folder, world.rank, world.size, keep=keep), False
     config, weights = source.component("transformer")
-    if fuse is not None:
-        weights = fuse(weights)
+    if loras:
+        stored = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
+        weights = fuse_weights(weights, list(loras), stored)
     if keep is not None:
         weights = {k: v for k, v in weights.items() if keep(k)}
-    return config, shard_weights(weights, world.rank, world.size)
+    return config, shard_weights(weights, world.rank, world.size), bool(loras)
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -832,11 +869,44 @@ def prepare_request(pipe, request, world: World):
     return req
 
 
+def run_generate(pipe, request, cancel=None):
+    """``pipe.generate`` under ``mlx.launch``: the request checked as one, the mode chosen
+    (``choose_mode``), the transformer sharded under tensor, then ``generate``. Each event
+    (a step, or what comes before the first) is guarded by the timeout."""
+    world = pipe.world
+    req = prepare_request(pipe, request, world)
+    with world.agree("choosing the parallel mode"):
+        fits = pipe.parallel != "auto" or memory_fits(pipe, req)
+        mode = choose_mode(
+            pipe.parallel,
+            world.size,
+            fits=fits,
+            true_cfg=req.cfg_on,
+            seeds=len(req.seeds),
+            config=pipe.transformer_config(),
+        )
+    components = pipe.components
+    want = world if mode == "tensor" else None
+    if components.tensor_world is not want:
+        components.free("transformer")
+        components.tensor_world = want
+    pipe.parallel_mode = mode
+    events = iter(generate(pipe, req, cancel, world, mode))
+    while True:
+        with world.watchdog.guard("a denoising step"):
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+        if world.is_main:
+            yield event
+
+
 def generate(pipe, request, cancel, world: World, mode: str):
     """``pipe.generate`` as one job over ``world`` in ``mode`` (cfg, seeds or tensor; the
     pipeline already holds its sharded transformer under tensor). Every rank runs this
-    generator; rank 0 yields its own ``StepEvent``s and every image of the job, in seed
-    order; the other ranks yield nothing.
+    generator; each yields its own ``StepEvent``s, and rank 0 every image of the job, in seed
+    order (``run_generate`` passes rank 0's events on).
 
     seeds: rank r samples seeds r, r + N, ...; cfg: pair p = r // 2 samples seeds p, p + N/2,
     ... (a pair left without a seed in the last round samples a filler, to keep every step's
@@ -850,7 +920,7 @@ def generate(pipe, request, cancel, world: World, mode: str):
     seeds = list(request.seeds)
     if mode == "tensor":
         for event in pipe.generate(request, cancel, local=True):
-            if world.is_main:
+            if world.is_main or not isinstance(event, ImageResult):
                 yield event
         return
     workers, unit = (
@@ -887,7 +957,7 @@ def generate(pipe, request, cancel, world: World, mode: str):
                     done += 1
                     if world.is_main:
                         yield from results
-                elif world.is_main:
+                else:
                     yield event
     finally:
         pipe.cfg_split = None

@@ -7,6 +7,13 @@ group when there is one, runs one forward pass on fixed inputs; rank 0 writes OU
 every rank OUT/bytes.<rank> (its parameter bytes).
 cfg: the whole transformer on every rank; one true-CFG velocity (cond = row 0, uncond = row 1
 of the fixed inputs), each rank computing its branch when there is a group; rank 0 writes it.
+
+    python dist_worker.py pipe CKPT OUT --parallel MODE[,MODE...] [--seeds 1,2,3] [--cfg 4]
+
+pipe: ``QwenImagePipeline.from_pretrained(CKPT, parallel=MODE)`` and ``generate``, for each
+MODE in turn; rank 0 writes OUT/MODE/latents-<seed>.npy (the last step's, for the seeds it
+sampled itself) and OUT/MODE/image-<seed>.npy for every image it yields, every rank
+OUT/MODE/mode.<rank> (the mode the job ran).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 from qwen_mlx.distributed import CfgSplit, World, parameter_bytes, read_sharded, report_errors
 from qwen_mlx.io import read_json
 from qwen_mlx.models.transformer import QwenImageTransformer
-from qwen_mlx.sampler import true_cfg
+from qwen_mlx.pipelines.sampler import true_cfg
 
 SHAPES = [[(1, 3, 4)]] * 2
 
@@ -46,14 +53,46 @@ def load(folder: Path, world: World, quantize: int | None, mode: str) -> QwenIma
     return QwenImageTransformer.from_weights(config, weights, where=str(folder), quantize=quantize)
 
 
+def pipe(args) -> None:
+    """One pipeline, each mode of ``--parallel`` (comma-separated) in turn: one job startup."""
+    from qwen_mlx import GenerationRequest, QwenImagePipeline
+    from qwen_mlx.pipelines.denoise import StepEvent
+
+    modes = args.parallel.split(",") if args.parallel else [None]
+    world = World.init()
+    with report_errors(world):
+        pipe = QwenImagePipeline.from_pretrained(args.ckpt, parallel=modes[0])
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        req = GenerationRequest(
+            prompt="a red fox", negative_prompt="blurry, a long negative prompt", width=32,
+            height=32, steps=2, cfg=args.cfg, seeds=seeds,
+        )  # fmt: skip
+        for mode in modes:
+            pipe.parallel = mode
+            out = args.out / str(mode)
+            out.mkdir(parents=True, exist_ok=True)
+            for event in pipe.generate(req):
+                if isinstance(event, StepEvent):
+                    np.save(out / f"latents-{event.seed}.npy", np.array(event.latents))
+                else:
+                    np.save(out / f"image-{event.seed}.npy", np.asarray(event.image))
+            (out / f"mode.{world.rank}").write_text(str(getattr(pipe, "parallel_mode", None)))
+    sys.exit(0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["tensor", "cfg"])
+    ap.add_argument("mode", choices=["tensor", "cfg", "pipe"])
+    ap.add_argument("--parallel", default=None)
+    ap.add_argument("--seeds", default="1")
+    ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--ckpt-for-rank", default=None)
     ap.add_argument("--quantize", type=int, default=None)
     args = ap.parse_args()
+    if args.mode == "pipe":
+        return pipe(args)
     world = World.init()
     with report_errors(world):
         folder = args.ckpt / "transformer"
