@@ -7,6 +7,7 @@ same worker as a group of one.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from qwen_mlx.distributed import (
     World,
     check_tensor_parallel,
     choose_mode,
+    free_ports,
     run_local,
     split_seeds,
     weight_axis,
@@ -142,8 +144,6 @@ def test_a_missing_peer_times_out(ckpt, tmp_path):
     import json
     import os
     import subprocess
-
-    from qwen_mlx.distributed import free_ports
 
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
@@ -275,3 +275,45 @@ def test_pipeline_modes_match_one_process(pipe_ckpt, tmp_path):
             else:
                 assert np.array_equal(got, want), (mode, s)
         assert not (out / "latents-2.npy").exists() or mode != "seeds"  # rank 1 sampled it
+
+
+def _launch_port() -> int:
+    """A port P with P and P + 1 free (mlx.launch numbers the ranks' ports from P)."""
+    import socket
+
+    for _ in range(50):
+        (port,) = free_ports(1)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_cli_under_mlx_launch(pipe_ckpt, tmp_path):
+    """The real launcher and the real command: ``mlx.launch --backend ring -n 2 -- qwen-mlx
+    generate --parallel seeds``. Rank 0 alone prints and writes both PNGs (each with its own
+    seed in its metadata); the launcher exits 0."""
+    import subprocess
+
+    from qwen_mlx.png import read_metadata
+
+    bindir = Path(sys.executable).parent
+    cmd = [
+        str(bindir / "mlx.launch"), "--backend", "ring", "-n", "2",
+        "--starting-port", str(_launch_port()), "--",
+        str(bindir / "qwen-mlx"), "generate", "--model", str(pipe_ckpt), "-p", "a red fox",
+        "--width", "32", "--height", "32", "--steps", "2", "--seed", "5", "--seed", "6",
+        "-o", str(tmp_path / "fox.png"), "--parallel", "seeds",
+    ]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    assert p.returncode == 0, p.stderr
+    wrote = [line for line in p.stdout.splitlines() if line.startswith("wrote")]
+    assert sorted(wrote) == [
+        f"wrote {tmp_path / 'fox-5.png'} (seed 5)",
+        f"wrote {tmp_path / 'fox-6.png'} (seed 6)",
+    ]
+    assert sum("image(s) 32x32" in line for line in p.stdout.splitlines()) == 1
+    assert [read_metadata(tmp_path / f"fox-{s}.png")["seed"] for s in (5, 6)] == [5, 6]
