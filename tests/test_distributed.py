@@ -317,3 +317,28 @@ def test_cli_under_mlx_launch(pipe_ckpt, tmp_path):
     ]
     assert sum("image(s) 32x32" in line for line in p.stdout.splitlines()) == 1
     assert [read_metadata(tmp_path / f"fox-{s}.png")["seed"] for s in (5, 6)] == [5, 6]
+
+
+def test_slices_from_disk_equal_slices_in_memory(ckpt):
+    """``read_sharded`` (memory-mapped, only this rank's rows or columns copied) gives the same
+    arrays as slicing the loaded weights (``shard_weights``: diffusers folders, fused LoRAs),
+    for each rank; together the slices are the whole tensor."""
+    import mlx.core as mx
+
+    from qwen_mlx.distributed import read_sharded, shard_weights
+    from qwen_mlx.io import load_folder
+
+    folder = ckpt["q8"] / "transformer"
+    parts = [read_sharded(folder, r, 2) for r in range(2)]
+    for r in range(2):
+        mem = shard_weights(load_folder(folder), r, 2)
+        assert parts[r].keys() == mem.keys()
+        for k in mem:
+            assert parts[r][k].dtype == mem[k].dtype and mx.array_equal(parts[r][k], mem[k]), k
+    full = load_folder(folder)
+    for k in ("blocks.0.attn.to_q.weight", "blocks.1.img_mlp.down.scales", "txt_in.weight"):
+        axis = weight_axis(k)
+        if axis is None:
+            assert mx.array_equal(parts[0][k], full[k])
+        else:
+            assert mx.array_equal(mx.concatenate([p[k] for p in parts], axis=axis), full[k])
