@@ -305,7 +305,7 @@ def test_cli_under_mlx_launch(pipe_ckpt, tmp_path):
         str(bindir / "mlx.launch"), "--backend", "ring", "-n", "2",
         "--starting-port", str(_launch_port()), "--",
         str(bindir / "qwen-mlx"), "generate", "--model", str(pipe_ckpt), "-p", "a red fox",
-        "--width", "32", "--height", "32", "--steps", "2", "--seed", "5", "--seed", "6",
+        "--width", "32", "--height", "32", "--steps", "1", "--seed", "5", "--seed", "6",
         "-o", str(tmp_path / "fox.png"), "--parallel", "seeds",
     ]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
