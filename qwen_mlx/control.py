@@ -309,7 +309,8 @@ class ControlRun:
 
         def extra(i: int, x: mx.array) -> dict:
             embeds, mask = den.prompt
-            repeat = 2 if den.cfg else 1
+            # both CFG branches get the same residuals; one branch when processes split CFG
+            repeat = 2 if den.cfg and den.cfg_split is None else 1
             res = self.residuals(i, x[: den.batch], embeds, mask, den.img_shapes, repeat)
             return {} if res is None else {"controlnet_block_samples": res}
 

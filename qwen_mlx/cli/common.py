@@ -56,11 +56,16 @@ def user_errors():
     except (UserError, QwenMLXError, OSError, MemoryError) as e:
         if debug:
             raise
-        typer.echo(f"error: {one_line(e)}", err=True)
+        _error_line(e)
         raise typer.Exit(2) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             raise
+        from qwen_mlx.distributed import peer_lost
+
+        if peer_lost(e):  # another process of an mlx.launch job went away
+            _error_line(e)
+            raise typer.Exit(2) from None
         typer.echo(
             f"error: unexpected {type(e).__name__}: {one_line(e)} "
             f"({DEBUG_ENV}=1 shows the traceback)",
@@ -69,6 +74,15 @@ def user_errors():
         raise typer.Exit(1) from None
     finally:
         warnings.showwarning = previous
+
+
+def _error_line(e: BaseException) -> None:
+    """``error: ...``; under mlx.launch, once for the job (``distributed.error_line``)."""
+    from qwen_mlx.distributed import error_line
+
+    line = error_line(e)
+    if line is not None:
+        typer.echo(f"error: {line}", err=True)
 
 
 class Timer:
@@ -150,6 +164,13 @@ DryRunOpt = Annotated[
     ),
 ]
 MaxSeqOpt = Annotated[int, typer.Option(help="Prompt token limit")]
+ParallelOpt = Annotated[
+    str,
+    typer.Option(
+        help="Under mlx.launch: split the job across the processes by cfg branch, seeds or "
+        "tensor (the transformer's layers); auto picks (docs/distributed.md)"
+    ),
+]
 
 
 def parse_lora(spec: str) -> tuple[Path, float]:

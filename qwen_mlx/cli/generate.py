@@ -28,6 +28,7 @@ from qwen_mlx.cli.common import (
     NegativeOpt,
     OutputOpt,
     OverwriteOpt,
+    ParallelOpt,
     PrecisionOpt,
     QuantizeOpt,
     QuantizeTextOpt,
@@ -135,9 +136,14 @@ def run(
     lightning: int | None,
     inputs: list[tuple[str, Path]],
     controlnet: str | None = None,
+    parallel: str = "auto",
 ) -> None:
-    """The shared path of ``generate`` and ``edit``: checks, load, sample, save."""
+    """The shared path of ``generate`` and ``edit``: checks, load, sample, save.
+
+    Under ``mlx.launch`` every process runs it: they check the options as one (rank 0's
+    random seed for all), rank 0 alone checks and writes the outputs and prints."""
     from qwen_mlx import memory
+    from qwen_mlx.distributed import World, check_parallel, launched
     from qwen_mlx.outputs import check_not_inputs, check_outputs
     from qwen_mlx.pipelines.txt2img import random_seed
     from qwen_mlx.progress import Progress
@@ -145,27 +151,35 @@ def run(
     from qwen_mlx.request import ImageResult
 
     start = time.perf_counter()
-    request = request.replace(seeds=request.seeds or (random_seed(),)).validate(FLAGS)
-    loras = [parse_lora(spec) for spec in lora or []]  # files found, scales numbers
-    paths = output_paths(output, list(request.seeds), stem)
-    check_not_inputs(paths, inputs)  # even with --overwrite; links and ./ spellings count
-    if not dry_run:
-        check_outputs(paths, overwrite)
-    if quantize is not None:
-        check_bits(quantize)
-    te_bits = text_encoder_bits(quantize_text_encoder, quantize)
+    check_parallel(parallel)
+    world = World.init() if launched() else World(None)
+    request = request.replace(seeds=request.seeds or (random_seed(),))
+    request = request.replace(seeds=tuple(world.broadcast_json(list(request.seeds))))
+    with world.agree("checking the options"):
+        request = request.validate(FLAGS)
+        loras = [parse_lora(spec) for spec in lora or []]  # files found, scales numbers
+        paths = output_paths(output, list(request.seeds), stem)
+        check_not_inputs(paths, inputs)  # even with --overwrite; links and ./ spellings count
+        if not dry_run and world.is_main:  # rank 0 writes every file
+            check_outputs(paths, overwrite)
+        if quantize is not None:
+            check_bits(quantize)
+        te_bits = text_encoder_bits(quantize_text_encoder, quantize)
 
-    pipe = pipeline_cls.from_pretrained(
-        model,
-        precision=precision,
-        quantize=quantize,
-        quantize_text_encoder=te_bits or "none",
-        adaln_cache=adaln_cache,
-        lightning=lightning,
-    )
-    if controlnet is not None:  # checked against the transformer from the configs
-        pipe.load_controlnet(controlnet)
-    request = pipe.prepare(request)  # sizes, images, shapes: before any weight loads
+        pipe = pipeline_cls.from_pretrained(
+            model,
+            precision=precision,
+            quantize=quantize,
+            quantize_text_encoder=te_bits or "none",
+            adaln_cache=adaln_cache,
+            lightning=lightning,
+            parallel=parallel if world.distributed else None,
+        )
+        if controlnet is not None:  # checked against the transformer from the configs
+            pipe.load_controlnet(controlnet)
+        request = pipe.prepare(request)  # sizes, images, shapes: before any weight loads
+    if dry_run and not world.is_main:
+        return
     if dry_run:
         from qwen_mlx.cli.info import memory_lines
 
@@ -180,14 +194,18 @@ def run(
         if not fits:
             raise typer.Exit(2)
         return
-    try:
-        pipe.check_memory(request)
-    except memory.MemoryLimitError as e:
-        if not ignore_memory_limit:
-            raise
-        typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
-    for path, scale in loras:
-        pipe.load_lora(path, scale)  # checked against the transformer's shapes here
+    with world.agree("checking memory and LoRAs"):
+        try:
+            # several processes: tensor (or auto, which picks it when this fails) splits the
+            # transformer, so one process's plan does not apply
+            if not (world.distributed and parallel in ("auto", "tensor")):
+                pipe.check_memory(request)
+        except memory.MemoryLimitError as e:
+            if not ignore_memory_limit:
+                raise
+            typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+        for path, scale in loras:
+            pipe.load_lora(path, scale)  # checked against the transformer's shapes here
 
     where = dict(zip(request.seeds, paths, strict=True))
     misplaced = []
@@ -200,6 +218,8 @@ def run(
     elapsed = time.perf_counter() - start
     import mlx.core as mx
 
+    if not world.is_main:
+        return
     typer.echo(
         f"{len(request.seeds)} image(s) {request.width}x{request.height}, {request.steps} steps "
         f"in {elapsed:.1f} s, peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
@@ -259,6 +279,7 @@ def generate(
     control_end: ControlEndOpt = 1.0,
     control_mask: ControlMaskOpt = None,
     control_preprocess: ControlPreprocessOpt = None,
+    parallel: ParallelOpt = "auto",
 ) -> None:
     """Generate images from a prompt; every PNG carries its parameters."""
     from qwen_mlx.pipelines.txt2img import QwenImagePipeline
@@ -320,6 +341,7 @@ def generate(
                 *(("--control-image", p) for p in control_image or ()),
             ],
             controlnet=controlnet,
+            parallel=parallel,
         )
 
 
@@ -349,6 +371,7 @@ def edit(
     quantize_text_encoder: QuantizeTextOpt = "auto",
     adaln_cache: AdalnOpt = True,
     dry_run: DryRunOpt = False,
+    parallel: ParallelOpt = "auto",
 ) -> None:
     """Edit images with Qwen-Image-Edit (2509/2511: several images); the output is about
     1024x1024 pixels at the (last) input image's aspect unless --width/--height say otherwise.
@@ -386,4 +409,5 @@ def edit(
             adaln_cache=adaln_cache,
             lightning=lightning,
             inputs=[("--image", p) for p in image],
+            parallel=parallel,
         )

@@ -435,6 +435,7 @@ class QwenImageTransformer(nn.Module):
         where: str = "transformer",
         modulation: bool = True,
         quantize: int | None = None,
+        group: mx.distributed.Group | None = None,
     ) -> QwenImageTransformer:
         """Build from a converted config and name->array weights (already in MLX naming).
 
@@ -460,6 +461,8 @@ class QwenImageTransformer(nn.Module):
             quantize_model(model, weights, group_size_of(config))
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from e
+        if group is not None and group.size() > 1:
+            model.shard(group)
         load_weights(model, weights, where)
         model.plan = stored
         try:
@@ -564,6 +567,14 @@ class QwenImageTransformer(nn.Module):
             block.img_mlp.in_scale = block.txt_mlp.in_scale = layer.ffn_in_scale
         self.plan = plan
         self.compiled = CompiledBlocks(self.compiled.enabled)  # constants changed: retrace
+
+    def shard(self, group: mx.distributed.Group) -> QwenImageTransformer:
+        """Tensor parallelism over ``group`` (in place; see ``qwen_mlx.distributed``)."""
+        from qwen_mlx.distributed import shard_transformer
+
+        shard_transformer(self, group)
+        self.compiled = CompiledBlocks(self.compiled.enabled)  # new layers: retrace
+        return self
 
     # -- modulation (sigma-only)
 

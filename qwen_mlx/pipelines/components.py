@@ -143,13 +143,21 @@ class Components:
 
             self.check()
             self.free("text_encoder")  # memory plan: never both at once
-            config, weights = self.source.component("transformer")
-            # LoRAs loaded before the transformer are fused into the float weights before the
-            # plan folds and casts them (exact); quantized checkpoints get them beside.
-            fused = bool(self._loras) and not is_quantized(weights)
-            if fused:
-                stored = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
-                weights = fuse_weights(weights, self._loras, stored)
+            world = self.tensor_world
+            if world is not None:  # tensor parallel: this process's slices only
+                from qwen_mlx.distributed import sharded_transformer_weights
+
+                config, weights, fused = sharded_transformer_weights(
+                    self.source, world, not self.adaln_cache, self._loras
+                )
+            else:
+                config, weights = self.source.component("transformer")
+                # LoRAs loaded before the transformer are fused into the float weights before
+                # the plan folds and casts them (exact); quantized checkpoints get them beside.
+                fused = bool(self._loras) and not is_quantized(weights)
+                if fused:
+                    stored = PrecisionPlan.from_config(config, int(config.get("num_layers", 60)))
+                    weights = fuse_weights(weights, self._loras, stored)
             model = QwenImageTransformer.from_weights(
                 config,
                 weights,
@@ -157,6 +165,7 @@ class Components:
                 where=str(self.source.folder("transformer")),
                 modulation=not self.adaln_cache,
                 quantize=self.quantize,
+                group=world.group if world is not None else None,
             )
             model.compile(self.compile)
             # Unloading drops the model (it reloads clean), so no copies of originals are kept.
@@ -198,6 +207,8 @@ class Components:
             model = self.text_encoder_builder(self.source, config, weights, dtype)
             self._models["text_encoder"] = model
         return self._models["text_encoder"]
+
+    tensor_world = None  # qwen_mlx.distributed.World: load the transformer sharded over it
 
     def free(self, *names: str) -> None:
         """Drop components (all when none named) and return their memory to the system."""
@@ -302,6 +313,8 @@ class Components:
         """See ``QwenImagePipeline.load_lora``."""
         scale = check_lora_scale(scale, Path(path).name)  # "abc", nan: one line, nothing read
         lora = read_lora(path)  # NaN/inf tensors refused here, naming the file and keys
+        if self.tensor_world is not None and "transformer" in self._models:
+            raise RequestError("with --parallel tensor, load LoRAs before the transformer loads")
         if self._lora_stack is not None and "transformer" in self._models:
             self._lora_stack.add(self._model_lora(lora), scale)
         else:

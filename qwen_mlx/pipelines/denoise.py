@@ -91,6 +91,8 @@ class Denoiser:
     # extra keyword arguments of the transformer call at step i (ControlNet residuals, ...)
     transformer_kwargs: list[Callable[[int, mx.array], dict]] = field(default_factory=list)
     non_finite_message: Callable[[int, int], str] | None = None
+    # several processes (``qwen_mlx.distributed.CfgSplit``): this one computes one CFG branch
+    cfg_split: object | None = None
 
     def __post_init__(self) -> None:
         batch = self.prompt[0].shape[0]
@@ -119,16 +121,23 @@ class Denoiser:
         x = latents
         if self.reference_latents is not None:
             x = mx.concatenate([x, self.reference_latents], axis=1)
-        if self.cfg:
+        embeds, mask, shapes = self.embeds, self.mask, self.shapes
+        split = self.cfg_split if self.cfg else None
+        if split is not None:  # this process's branch only; the other comes in the gather
+            rows = split.rows(self.batch)
+            embeds, shapes = embeds[rows], shapes[rows]
+            mask = None if mask is None else mask[rows]
+        elif self.cfg:
             x = mx.concatenate([x, x])
         kwargs = {}
         for extra in self.transformer_kwargs:
             kwargs.update(extra(i, x))
-        v = self.model(
-            x, self.embeds, self.mask, None, self.shapes, modulation=self.modulation_at(i), **kwargs
-        )[:, :L]
+        v = self.model(x, embeds, mask, None, shapes, modulation=self.modulation_at(i), **kwargs)[
+            :, :L
+        ]
         if self.cfg:
-            v = true_cfg(v[: self.batch], v[self.batch :], self.true_cfg_scale)
+            cond, uncond = split.gather(v) if split else (v[: self.batch], v[self.batch :])
+            v = true_cfg(cond, uncond, self.true_cfg_scale)
         return v
 
     def steps(

@@ -126,6 +126,7 @@ class QwenImagePipeline:
         adaln_cache: bool = True,
         decode_tile_size: int | None = None,
         lightning: int | None = None,
+        parallel: str | None = None,
     ):
         if lightning is not None and lightning not in LIGHTNING_STEPS:
             raise RequestError(f"lightning must be 4 or 8 (the LoRA's steps), got {lightning}")
@@ -148,6 +149,12 @@ class QwenImagePipeline:
         self._prompts: OrderedDict[tuple, Embeds] = OrderedDict()
         self.timings: dict[str, float] = {}
         self.vae_scale = self.components.vae_scale
+        self.parallel, self.world = parallel, None
+        if parallel is not None:  # several processes under mlx.launch (qwen_mlx.distributed)
+            from qwen_mlx.distributed import World, check_parallel
+
+            self.parallel = check_parallel(parallel)
+            self.world = World.init()
 
     @classmethod
     def from_pretrained(
@@ -163,6 +170,7 @@ class QwenImagePipeline:
         quantize_text_encoder: int | str | None = "auto",
         adaln_cache: bool = True,
         lightning: int | None = None,
+        parallel: str | None = None,
     ) -> QwenImagePipeline:
         """``src``: a converted folder, a diffusers-layout folder (converted in memory as it
         loads) or a hub repo id (downloaded, converted once into the qwen-mlx cache).
@@ -178,6 +186,9 @@ class QwenImagePipeline:
         modulation parameters; False computes them from the weights each step (same result).
         ``lightning`` (4 or 8): the Lightning LoRAs' scheduler, and that many steps at CFG 1 by
         default (load the LoRA itself with ``load_lora``).
+        ``parallel`` ("auto", "cfg", "seeds" or "tensor"): under ``mlx.launch``, the processes
+        of the group ``mx.distributed.init()`` returns generate as one job (docs/distributed.md);
+        a process started alone is a group of one.
         """
         source = resolve(src, dtype=dtype, revision=revision, cache_dir=cache_dir)
         cls.check_source(source)
@@ -192,6 +203,7 @@ class QwenImagePipeline:
             quantize_text_encoder,
             adaln_cache,
             lightning=lightning,
+            parallel=parallel,
         )
 
     # -- what a pipeline states about itself (hooks)
@@ -206,6 +218,7 @@ class QwenImagePipeline:
         """The text encoder's constructor for ``Components`` (None: the language model alone)."""
         return None
 
+    cfg_split = None  # set by qwen_mlx.distributed under --parallel cfg (the Denoiser's hook)
     default_strength: float | None = 0.6  # img2img / inpaint (None: the pipeline takes none)
 
     @property
@@ -464,6 +477,7 @@ class QwenImagePipeline:
             table,
             reference_latents,
             non_finite_message=self._non_finite_message,
+            cfg_split=self.cfg_split,
         )
         if control_run is not None:  # the residuals of the positive prompt, for both CFG halves
             den.transformer_kwargs.append(control_run.kwargs(den))
@@ -633,11 +647,20 @@ class QwenImagePipeline:
         return meta
 
     def generate(
-        self, request: GenerationRequest, cancel: CancelToken | None = None
+        self, request: GenerationRequest, cancel: CancelToken | None = None, local: bool = False
     ) -> Iterator[StepEvent | ImageResult]:
         """Every seed of ``request``, one after another: its ``StepEvent``s, then its
         ``ImageResult``. With ``low_memory`` every seed is sampled first, then the transformer
-        freed and all decoded. A cancelled run raises ``Cancelled`` (nothing is returned)."""
+        freed and all decoded. A cancelled run raises ``Cancelled`` (nothing is returned).
+
+        Under ``mlx.launch`` with ``parallel`` set, the processes run it as one job (see
+        ``qwen_mlx.distributed``): rank 0's generator yields every image, the others' none.
+        ``local``: this process's share only (what the job runs on each rank)."""
+        if self.world is not None and self.world.distributed and not local:
+            from qwen_mlx.distributed import run_generate
+
+            yield from run_generate(self, request, cancel)
+            return
         req = self.prepare(request)
         pending = []
         for seed in req.seeds:

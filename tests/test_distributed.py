@@ -1,0 +1,344 @@
+"""Several processes as one job: ring backend over loopback, 2 and 4 processes, free ports.
+
+Each job runs tests/dist_worker.py under ``run_local`` (what ``mlx.launch --backend ring -n N``
+does, keeping every rank's exit code) with a hard timeout; the single-process result is the
+same worker as a group of one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import convert_tiny
+from tiny_transformer import build_transformer, save_checkpoint
+
+from qwen_mlx.distributed import (
+    CfgSplit,
+    World,
+    check_tensor_parallel,
+    choose_mode,
+    free_ports,
+    run_local,
+    split_seeds,
+    weight_axis,
+)
+
+WORKER = str(Path(__file__).parent / "dist_worker.py")
+JOB_TIMEOUT = 90.0  # seconds, per job (a 2-core CI machine; a job takes 1-5 s)
+# A failing rank must end the job well inside this (measured: ~2 s on 2 cores).
+FAILURE_DEADLINE = 30.0
+ENV = {"QWEN_MLX_DIST_TIMEOUT": "20"}
+
+
+def job(n: int, *args: str, env: dict | None = None, timeout: float = JOB_TIMEOUT):
+    result = run_local(n, [sys.executable, WORKER, *args], timeout, {**ENV, **(env or {})})
+    assert not result.timed_out, f"job of {n} timed out: {result.stderr}"
+    return result
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny transformer with 4 heads (N = 2 and 4 divide them), width 128 so each rank's
+    input slice of a quantized layer (128 / 2) is a whole quantization group."""
+    root = tmp_path_factory.mktemp("dist")
+    ref = build_transformer(
+        "quantizable", std=0.1, num_attention_heads=4, joint_attention_dim=32, num_layers=2
+    )
+    src = save_checkpoint(ref, root / "src")
+    return {
+        "root": root,
+        "f32": convert_tiny(src, root / "f32"),
+        "q8": convert_tiny(src, root / "q8", quantize=8),  # float32 scales: exact comparison
+    }
+
+
+@pytest.fixture(scope="module")
+def single(ckpt, tmp_path_factory):
+    """The one-process result of each checkpoint (the same worker, a group of one)."""
+    cache = {}
+
+    def get(key: str) -> tuple[np.ndarray, int]:
+        if key not in cache:
+            out, (nbytes,) = run_tensor(ckpt, key, 1, tmp_path_factory.mktemp(f"single-{key}"))
+            cache[key] = out, nbytes
+        return cache[key]
+
+    return get
+
+
+def run_tensor(ckpt, key: str, n: int, out: Path) -> tuple[np.ndarray, list[int]]:
+    result = job(n, "tensor", str(ckpt[key]), str(out))
+    assert result.returncodes == [0] * n, result.stderr
+    return np.load(out / "out.npy"), [int((out / f"bytes.{r}").read_text()) for r in range(n)]
+
+
+@pytest.mark.parametrize("key", ["f32", "q8"])
+def test_tensor_parallel_two_processes_match_one(ckpt, single, key, tmp_path):
+    """Tensor parallel in float32 (and 8-bit with float32 scales) equals one process to 1e-5
+    relative: the only difference is the summation order of the sharded-to-all partial
+    products (measured 1.0e-6 float32, 7.9e-7 8-bit). Each rank holds <= 0.6x the weights
+    (measured 0.537x float32; the replicated in/out layers are a larger share of a tiny model
+    than of the real one, where the ratio is 0.501)."""
+    single, one = single(key)
+    split, per_rank = run_tensor(ckpt, key, 2, tmp_path / "2")
+    assert rel(split, single) < 1e-5
+    assert np.abs(split - single).max() > 0 or key == "q8"  # it really ran split
+    if key == "f32":
+        assert all(b <= 0.6 * one for b in per_rank), (per_rank, one)
+
+
+def test_cfg_parallel_is_identical(ckpt, tmp_path):
+    """CFG split over two processes (rank 0 the prompt branch, rank 1 the negative one, with a
+    padded mask) gives the very velocity of the one-process [cond; uncond] batch: float32,
+    bit for bit (each row of a batch is computed independently)."""
+    outs = []
+    for n in (1, 2):
+        result = job(n, "cfg", str(ckpt["f32"]), str(tmp_path / str(n)))
+        assert result.returncodes == [0] * n, result.stderr
+        outs.append(np.load(tmp_path / str(n) / "out.npy"))
+    assert np.array_equal(outs[0], outs[1])
+    assert np.abs(outs[0]).max() > 0
+
+
+def test_tensor_parallel_four_processes(ckpt, single, tmp_path):
+    single, one = single("f32")
+    split, per_rank = run_tensor(ckpt, "f32", 4, tmp_path / "4")
+    assert rel(split, single) < 1e-5
+    assert all(b <= 0.35 * one for b in per_rank), (per_rank, one)
+
+
+def test_a_failing_rank_ends_the_job(ckpt, tmp_path):
+    """Rank 1 sees a corrupt shard: every rank exits 1 promptly, rank 0 with one line naming
+    rank 1 and the file; no rank waits for the others."""
+    bad = tmp_path / "bad"
+    (bad / "transformer").mkdir(parents=True)
+    for f in (ckpt["f32"] / "transformer").iterdir():
+        data = f.read_bytes()
+        if f.name.endswith("00002-of-00035.safetensors"):
+            data = data[:-40]  # truncated
+        (bad / "transformer" / f.name).write_bytes(data)
+    (bad / "model_index.json").write_bytes((ckpt["f32"] / "model_index.json").read_bytes())
+    result = job(2, "tensor", str(ckpt["f32"]), str(tmp_path / "o"), "--ckpt-for-rank", f"1={bad}")
+    assert result.returncodes == [1, 1]
+    assert result.seconds < FAILURE_DEADLINE
+    lines = result.stderr[0].strip().splitlines()
+    assert len(lines) == 1, result.stderr[0]
+    assert "rank 1 failed while loading the transformer" in lines[0]
+    assert "00002-of-00035.safetensors" in lines[0]
+    assert result.stderr[1].strip() == ""  # rank 0 reported it
+    assert not (tmp_path / "o" / "out.npy").exists()
+
+
+def test_a_missing_peer_times_out(ckpt, tmp_path):
+    """Rank 0 of a two-process job whose rank 1 never starts: one line and a non-zero exit
+    after the timeout (3 s here), instead of waiting forever in init (where MLX holds the GIL,
+    so a watcher process ends it: SIGKILL)."""
+    import json
+    import os
+    import subprocess
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
+    env["QWEN_MLX_DIST_TIMEOUT"] = "3"
+    p = subprocess.run(
+        [sys.executable, WORKER, "tensor", str(ckpt["f32"]), str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == [
+        "qwen-mlx: error: rank 0: no answer from the other processes after 3 s while joining "
+        "the group (set QWEN_MLX_DIST_TIMEOUT to wait longer)"
+    ]
+
+
+# -- module-level logic (no processes)
+
+
+def test_weight_axes_follow_mlx_shardings():
+    assert weight_axis("blocks.3.attn.to_q.weight") == 0
+    assert weight_axis("blocks.3.attn.add_v_proj.bias") == 0
+    assert weight_axis("blocks.3.img_mlp.up.scales") == 0
+    assert weight_axis("blocks.3.attn.to_out.weight") == -1
+    assert weight_axis("blocks.3.attn.to_out.bias") is None
+    assert weight_axis("blocks.3.txt_mlp.down.biases") == -1
+    assert weight_axis("blocks.3.img_mod.weight") == -1
+    assert weight_axis("blocks.3.img_mod.bias") is None
+    assert weight_axis("blocks.3.attn.norm_q.weight") is None
+    assert weight_axis("txt_in.weight") is None
+    assert weight_axis("norm_out.linear.weight") is None
+
+
+def test_tensor_parallel_preconditions():
+    check_tensor_parallel({"num_attention_heads": 24, "attention_head_dim": 128}, 4)
+    with pytest.raises(ValueError, match="do not divide"):
+        check_tensor_parallel({"num_attention_heads": 24, "attention_head_dim": 128}, 5)
+    quant = {"quantization": {"bits": 4, "group_size": 64}}
+    with pytest.raises(ValueError, match="multiple of the quantization group size"):
+        check_tensor_parallel({"num_attention_heads": 4, "attention_head_dim": 32, **quant}, 4)
+
+
+def test_seed_and_cfg_splits():
+    assert [split_seeds([5, 6, 7], r, 2) for r in range(2)] == [[5, 7], [6]]
+    assert [(CfgSplit(r, 4).branch, CfgSplit(r, 4).pair) for r in range(4)] == [
+        (0, 0), (1, 0), (0, 1), (1, 1)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="even number"):
+        CfgSplit(0, 3)
+
+
+def test_auto_mode():
+    cfg = {"num_attention_heads": 24, "attention_head_dim": 128}
+
+    def pick(size=2, fits=True, true_cfg=True, seeds=1, mode="auto"):
+        return choose_mode(mode, size, fits=fits, true_cfg=true_cfg, seeds=seeds, config=cfg)
+
+    assert pick(size=1) is None
+    assert pick(fits=False) == "tensor"
+    assert pick() == "cfg"
+    assert pick(size=3, seeds=3) == "seeds"
+    assert pick(true_cfg=False, seeds=2) == "seeds"
+    with pytest.raises(ValueError, match="nothing to split across 2 processes"):
+        pick(true_cfg=False)
+    with pytest.raises(ValueError, match="needs --cfg above 1"):
+        pick(mode="cfg", true_cfg=False)
+    with pytest.raises(ValueError, match="even number"):
+        pick(mode="cfg", size=3)
+    with pytest.raises(ValueError, match="at least two seeds"):
+        pick(mode="seeds")
+    with pytest.raises(ValueError, match="do not divide"):
+        pick(mode="tensor", size=5)
+
+
+def test_world_of_one_does_the_local_thing():
+    world = World(None)
+    assert (world.rank, world.size, world.is_main, world.distributed) == (0, 1, True, False)
+    with pytest.raises(KeyError):
+        with world.agree("x"):
+            raise KeyError("y")
+
+
+# -- the pipeline: QwenImagePipeline.from_pretrained(..., parallel=MODE).generate
+
+
+@pytest.fixture(scope="module")
+def pipe_ckpt(tmp_path_factory):
+    """The tiny pipeline checkpoint with a 4-head transformer (N = 2 divides the heads)."""
+    import shutil
+
+    from tiny_pipeline import TEXT_HIDDEN, build_checkpoint
+
+    root = tmp_path_factory.mktemp("dist-pipe")
+    src, _ = build_checkpoint(root / "src")
+    shutil.rmtree(src / "transformer")
+    model = build_transformer(
+        "diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN, num_attention_heads=4
+    )
+    model.save_pretrained(src / "transformer", max_shard_size="20KB")
+    return convert_tiny(src, root / "f32")
+
+
+def test_pipeline_modes_match_one_process(pipe_ckpt, tmp_path):
+    """Three seeds, true CFG (a padded negative prompt), 2 steps at 32x32, float32: one
+    process, then one 2-process job running seeds, cfg and tensor in turn. Seeds and cfg give
+    the very latents and images of one process; tensor the latents within 1e-5 relative
+    (measured 1.4e-6 to 1.6e-6) and the same 8-bit images. Rank 0 yields every image."""
+    seeds = "1,2,3"
+    one = job(1, "pipe", str(pipe_ckpt), str(tmp_path / "1"), "--seeds", seeds, timeout=300)
+    assert one.returncodes == [0], one.stderr
+    args = ("--seeds", seeds, "--parallel", "seeds,cfg,tensor")
+    two = job(2, "pipe", str(pipe_ckpt), str(tmp_path / "2"), *args, timeout=300)
+    assert two.returncodes == [0, 0], two.stderr
+    ref = tmp_path / "1" / "None"
+    own = {"seeds": (1, 3), "cfg": (1, 2, 3), "tensor": (1, 2, 3)}  # rank 0's own samples
+    for mode in ("seeds", "cfg", "tensor"):
+        out = tmp_path / "2" / mode
+        assert (out / "mode.0").read_text() == (out / "mode.1").read_text() == mode
+        for s in (1, 2, 3):
+            image, want = np.load(out / f"image-{s}.npy"), np.load(ref / f"image-{s}.npy")
+            assert np.array_equal(image, want), (mode, s)
+        for s in own[mode]:
+            got, want = np.load(out / f"latents-{s}.npy"), np.load(ref / f"latents-{s}.npy")
+            if mode == "tensor":
+                assert 0 < rel(got, want) < 1e-5
+            else:
+                assert np.array_equal(got, want), (mode, s)
+        assert not (out / "latents-2.npy").exists() or mode != "seeds"  # rank 1 sampled it
+
+
+def _launch_port() -> int:
+    """A port P with P and P + 1 free (mlx.launch numbers the ranks' ports from P)."""
+    import socket
+
+    for _ in range(50):
+        (port,) = free_ports(1)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_cli_under_mlx_launch(pipe_ckpt, tmp_path):
+    """The real launcher and the real command: ``mlx.launch --backend ring -n 2 -- qwen-mlx
+    generate --parallel seeds``. Rank 0 alone prints and writes both PNGs (each with its own
+    seed in its metadata); the launcher exits 0."""
+    import subprocess
+
+    from qwen_mlx.png import read_metadata
+
+    bindir = Path(sys.executable).parent
+    cmd = [
+        str(bindir / "mlx.launch"), "--backend", "ring", "-n", "2",
+        "--starting-port", str(_launch_port()), "--",
+        str(bindir / "qwen-mlx"), "generate", "--model", str(pipe_ckpt), "-p", "a red fox",
+        "--width", "32", "--height", "32", "--steps", "1", "--seed", "5", "--seed", "6",
+        "-o", str(tmp_path / "fox.png"), "--parallel", "seeds",
+    ]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    assert p.returncode == 0, p.stderr
+    wrote = [line for line in p.stdout.splitlines() if line.startswith("wrote")]
+    assert sorted(wrote) == [
+        f"wrote {tmp_path / 'fox-5.png'} (seed 5)",
+        f"wrote {tmp_path / 'fox-6.png'} (seed 6)",
+    ]
+    assert sum("image(s) 32x32" in line for line in p.stdout.splitlines()) == 1
+    assert [read_metadata(tmp_path / f"fox-{s}.png")["seed"] for s in (5, 6)] == [5, 6]
+
+
+def test_slices_from_disk_equal_slices_in_memory(ckpt):
+    """``read_sharded`` (memory-mapped, only this rank's rows or columns copied) gives the same
+    arrays as slicing the loaded weights (``shard_weights``: diffusers folders, fused LoRAs),
+    for each rank; together the slices are the whole tensor."""
+    import mlx.core as mx
+
+    from qwen_mlx.distributed import read_sharded, shard_weights
+    from qwen_mlx.io import load_folder
+
+    folder = ckpt["q8"] / "transformer"
+    parts = [read_sharded(folder, r, 2) for r in range(2)]
+    for r in range(2):
+        mem = shard_weights(load_folder(folder), r, 2)
+        assert parts[r].keys() == mem.keys()
+        for k in mem:
+            assert parts[r][k].dtype == mem[k].dtype and mx.array_equal(parts[r][k], mem[k]), k
+    full = load_folder(folder)
+    for k in ("blocks.0.attn.to_q.weight", "blocks.1.img_mlp.down.scales", "txt_in.weight"):
+        axis = weight_axis(k)
+        if axis is None:
+            assert mx.array_equal(parts[0][k], full[k])
+        else:
+            assert mx.array_equal(mx.concatenate([p[k] for p in parts], axis=axis), full[k])
