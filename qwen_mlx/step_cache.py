@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_mlx import loading
-from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.errors import QwenMLXError, RequestError
 
 BRANCHES = ("cond", "uncond")
 F32 = np.float32
@@ -126,24 +126,27 @@ METHODS = {
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise RequestError(message)
 
 
-def parse_spec(spec: str, calibrate: bool = False) -> StepCacheConfig:
+def parse_spec(spec: str | None, calibrate: bool = False) -> StepCacheConfig | None:
     """A config from the CLI's ``--cache`` value: ``fbcache[:THRESHOLD]``,
-    ``taylorseer[:INTERVAL]``, ``taylorseer-lite[:INTERVAL]``, ``magcache[:THRESHOLD]``."""
+    ``taylorseer[:INTERVAL]``, ``taylorseer-lite[:INTERVAL]``, ``magcache[:THRESHOLD]``;
+    ``--cache-calibrate`` alone means ``magcache``. None: no cache."""
+    if spec is None:
+        return MagCacheConfig(calibrate=True) if calibrate else None
     name, _, value = spec.strip().lower().partition(":")
     if name not in METHODS:
-        raise ValueError(f"unknown cache {name!r}: use one of {', '.join(METHODS)}")
+        raise RequestError(f"unknown cache {name!r}: use one of {', '.join(METHODS)}")
     if calibrate and name != "magcache":
-        raise ValueError("--cache-calibrate is for --cache magcache")
+        raise RequestError("--cache-calibrate is for --cache magcache")
     cls, field, kind = METHODS[name]
     kw: dict = {}
     if value:
         try:
             kw[field] = kind(value)
         except ValueError:
-            raise ValueError(f"--cache {name}: {field} must be a number, got {value!r}") from None
+            raise RequestError(f"--cache {name}: {field} must be a number, got {value!r}") from None
     if name == "taylorseer-lite":
         kw["use_lite_mode"] = True
     if name == "magcache":

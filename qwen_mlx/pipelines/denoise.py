@@ -10,6 +10,7 @@ processes) without copying the loop.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -90,6 +91,8 @@ class Denoiser:
     reference_latents: mx.array | None = None  # packed, appended after the noisy tokens (Edit)
     # extra keyword arguments of the transformer call at step i (ControlNet residuals, ...)
     transformer_kwargs: list[Callable[[int, mx.array], dict]] = field(default_factory=list)
+    # a step cache (qwen_mlx.step_cache.StepCacheRun): called as step_cache(model, *args)
+    step_cache: Callable | None = None
     non_finite_message: Callable[[int, int], str] | None = None
 
     def __post_init__(self) -> None:
@@ -124,7 +127,10 @@ class Denoiser:
         kwargs = {}
         for extra in self.transformer_kwargs:
             kwargs.update(extra(i, x))
-        v = self.model(
+        model = self.model
+        if self.step_cache is not None:
+            model = functools.partial(self.step_cache, model)
+        v = model(
             x, self.embeds, self.mask, None, self.shapes, modulation=self.modulation_at(i), **kwargs
         )[:, :L]
         if self.cfg:
