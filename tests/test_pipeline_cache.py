@@ -218,3 +218,39 @@ def test_cli(tiny, tmp_path):
         res = generate(*bad, "-o", str(tmp_path / "bad.png"))
         assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_edit_matches_diffusers(tmp_path, monkeypatch):
+    """Edit (reference tokens after the noisy ones) with TaylorSeer, against diffusers'."""
+    from tiny_edit import (
+        TEST_CONDITION_AREA,
+        TEST_VAE_AREA,
+        build_edit_checkpoint,
+        shrink_reference_areas,
+    )
+
+    from qwen_mlx import QwenImageEditPipeline
+
+    shrink_reference_areas(monkeypatch)
+    root, ref = build_edit_checkpoint(tmp_path / "src", "edit")
+    pipe = QwenImageEditPipeline.from_pretrained(convert_tiny(root, tmp_path / "mlx"))
+    pipe.vae_image_area, pipe.condition_image_area = TEST_VAE_AREA, TEST_CONDITION_AREA
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    h, w = pipe.edit_size(image, None, None)
+    L = (h // pipe.vae_scale // 2) * (w // pipe.vae_scale // 2)
+    latents = torch.randn(1, L, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(image=image, prompt="add a hat", negative_prompt=" ", true_cfg_scale=4.0,
+              num_inference_steps=4, output_type="np")  # fmt: skip
+    ts = dict(cache_interval=2, disable_cache_before_step=1, max_order=1)
+    count = [0]
+    probe = ref.transformer.transformer_blocks[-1].attn.to_q
+    handle = probe.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    ref.transformer.enable_cache(RefTaylor(**ts, taylor_factors_dtype=torch.float32))
+    with torch.no_grad():
+        expected = ref(latents=latents, **kw).images
+    ref.transformer.disable_cache()
+    handle.remove()
+    pipe.enable_cache(TaylorSeerCacheConfig(**ts, taylor_factors_dtype=mx.float32))
+    got = pipe(latents=mx.array(latents.numpy()), **kw)
+    assert pipe.last_cache.total_full_passes == count[0] == 4  # steps 0 and 2, per branch
+    assert np.abs(got - expected).max() <= IMAGE_TOL
