@@ -254,3 +254,48 @@ def test_edit_matches_diffusers(tmp_path, monkeypatch):
     got = pipe(latents=mx.array(latents.numpy()), **kw)
     assert pipe.last_cache.total_full_passes == count[0] == 4  # steps 0 and 2, per branch
     assert np.abs(got - expected).max() <= IMAGE_TOL
+
+
+def test_quantized_with_lora(tmp_path):
+    """A 4-bit checkpoint with a LoRA: a cache that skips nothing gives the uncached image, one
+    that skips gives fewer passes, and MagCache's stored ratios belong to the LoRA set."""
+    from helpers import write_model_index
+    from tiny_lora import MODULES, layout_tensors, random_factors, save
+    from tiny_pipeline import SCHEDULER, TEXT_HIDDEN, build_text_encoder, build_vae
+    from tiny_tokenizer import build_tokenizer
+    from tiny_transformer import build_transformer
+
+    root = tmp_path / "hf"
+    model = build_transformer("quantizable", std=0.1, num_layers=3, joint_attention_dim=TEXT_HIDDEN)
+    model.save_pretrained(root / "transformer")
+    build_text_encoder().save_pretrained(root / "text_encoder")
+    build_vae().save_pretrained(root / "vae")
+    build_tokenizer(root / "tokenizer")
+    (root / "scheduler").mkdir(parents=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    write_model_index(root, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"])
+    lora = save(
+        tmp_path / "l.safetensors",
+        *layout_tensors("peft", random_factors(model, MODULES, 2, 1), None),
+    )
+    pipe = QwenImagePipeline.from_pretrained(convert_tiny(root, tmp_path / "q4", quantize=4))
+    pipe.load_lora(lora, 0.8)
+    run = dict(seed=0, **kwargs(steps=6))
+    uncached = pipe("a red cube", **run)
+    try:
+        pipe.enable_cache(FirstBlockCacheConfig(0.0))  # every pass runs
+        np.testing.assert_allclose(pipe("a red cube", **run), uncached, atol=1e-6)
+        assert pipe.last_cache.total_full_passes == 12
+        pipe.enable_cache(TaylorSeerCacheConfig(cache_interval=2, use_lite_mode=True))
+        assert np.isfinite(pipe("a red cube", **run)).all()
+        assert pipe.last_cache.total_full_passes == 8  # steps 0-2 and 4
+        pipe.enable_cache(MagCacheConfig(calibrate=True))
+        pipe("a red cube", **run)
+        pipe.enable_cache(MagCacheConfig(threshold=10.0))
+        pipe("a red cube", **run)
+        assert pipe.last_cache.total_full_passes < 12
+        pipe.unload_loras()
+        with pytest.raises(QwenMLXError, match="--cache-calibrate"):  # other weights
+            pipe("a red cube", **run)
+    finally:
+        pipe.disable_cache()
