@@ -171,6 +171,20 @@ ParallelOpt = Annotated[
         "tensor (the transformer's layers); auto picks (docs/distributed.md)"
     ),
 ]
+CacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Step cache (docs/speed.md): fbcache[:THRESHOLD], taylorseer[:INTERVAL], "
+        "taylorseer-lite[:INTERVAL] or magcache[:THRESHOLD]"
+    ),
+]
+CacheCalibrateOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Measure MagCache's ratios for this model and schedule (an uncached run) and "
+        "store them for later --cache magcache runs"
+    ),
+]
 
 
 def parse_lora(spec: str) -> tuple[Path, float]:

@@ -16,6 +16,8 @@ import typer
 from qwen_mlx.cli.common import (
     ASPECTS,
     AdalnOpt,
+    CacheCalibrateOpt,
+    CacheOpt,
     CfgOpt,
     DryRunOpt,
     HeightOpt,
@@ -137,6 +139,8 @@ def run(
     inputs: list[tuple[str, Path]],
     controlnet: str | None = None,
     parallel: str = "auto",
+    cache: str | None = None,
+    cache_calibrate: bool = False,
 ) -> None:
     """The shared path of ``generate`` and ``edit``: checks, load, sample, save.
 
@@ -149,6 +153,7 @@ def run(
     from qwen_mlx.progress import Progress
     from qwen_mlx.quantize import check_bits, text_encoder_bits
     from qwen_mlx.request import ImageResult
+    from qwen_mlx.step_cache import describe, parse_spec
 
     start = time.perf_counter()
     check_parallel(parallel)
@@ -158,6 +163,7 @@ def run(
     with world.agree("checking the options"):
         request = request.validate(FLAGS)
         loras = [parse_lora(spec) for spec in lora or []]  # files found, scales numbers
+        cache_config = parse_spec(cache, cache_calibrate)
         paths = output_paths(output, list(request.seeds), stem)
         check_not_inputs(paths, inputs)  # even with --overwrite; links and ./ spellings count
         if not dry_run and world.is_main:  # rank 0 writes every file
@@ -177,6 +183,8 @@ def run(
         )
         if controlnet is not None:  # checked against the transformer from the configs
             pipe.load_controlnet(controlnet)
+        if cache_config is not None:
+            pipe.enable_cache(cache_config)
         request = pipe.prepare(request)  # sizes, images, shapes: before any weight loads
     if dry_run and not world.is_main:
         return
@@ -208,11 +216,14 @@ def run(
             pipe.load_lora(path, scale)  # checked against the transformer's shapes here
 
     where = dict(zip(request.seeds, paths, strict=True))
-    misplaced = []
+    misplaced, passes = [], []
     with Progress() as progress:  # rich on a terminal, plain lines otherwise
         for event in pipe.generate(request):
             if isinstance(event, ImageResult):
                 _save(event, where[event.seed], overwrite, misplaced)
+                meta = event.metadata
+                if meta.get("cache"):
+                    passes.append(f"{meta['cache_full_passes']}/{meta['cache_passes']}")
             else:
                 progress.step(event)  # "seed N": steps, seconds per step, time left
     elapsed = time.perf_counter() - start
@@ -223,7 +234,10 @@ def run(
     typer.echo(
         f"{len(request.seeds)} image(s) {request.width}x{request.height}, {request.steps} steps "
         f"in {elapsed:.1f} s, peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+        + (f", cache {describe(cache_config)}: {', '.join(passes)} full passes" if passes else "")
     )
+    if pipe.last_calibration is not None:
+        typer.echo(f"MagCache ratios stored in {pipe.last_calibration}")
     if misplaced:
         raise typer.Exit(1)  # every image is saved, but not all where asked
 
@@ -271,6 +285,8 @@ def generate(
     quantize: QuantizeOpt = None,
     quantize_text_encoder: QuantizeTextOpt = "auto",
     adaln_cache: AdalnOpt = True,
+    cache: CacheOpt = None,
+    cache_calibrate: CacheCalibrateOpt = False,
     dry_run: DryRunOpt = False,
     controlnet: ControlNetOpt = None,
     control_image: ControlImageOpt = None,
@@ -334,6 +350,8 @@ def generate(
             quantize_text_encoder=quantize_text_encoder,
             adaln_cache=adaln_cache,
             lightning=lightning,
+            cache=cache,
+            cache_calibrate=cache_calibrate,
             inputs=[
                 ("--image", image),
                 ("--mask", mask),
@@ -370,6 +388,8 @@ def edit(
     quantize: QuantizeOpt = None,
     quantize_text_encoder: QuantizeTextOpt = "auto",
     adaln_cache: AdalnOpt = True,
+    cache: CacheOpt = None,
+    cache_calibrate: CacheCalibrateOpt = False,
     dry_run: DryRunOpt = False,
     parallel: ParallelOpt = "auto",
 ) -> None:
@@ -408,6 +428,8 @@ def edit(
             quantize_text_encoder=quantize_text_encoder,
             adaln_cache=adaln_cache,
             lightning=lightning,
+            cache=cache,
+            cache_calibrate=cache_calibrate,
             inputs=[("--image", p) for p in image],
             parallel=parallel,
         )

@@ -296,9 +296,11 @@ class TransformerBlock(nn.Module):
         mask: mx.array | None,
         rope: tuple[mx.array, mx.array],
         zero_cond: tuple[mx.array, int] | None = None,
+        attention: Callable | None = None,
     ) -> tuple[mx.array, mx.array]:
         """``modulation``: this block's (img_mod, txt_mod) outputs; ``zero_cond``: (img_mod's
-        output at t = 0, noisy token count) under ``zero_cond_t``."""
+        output at t = 0, noisy token count) under ``zero_cond_t``; ``attention`` replaces
+        ``self.attn`` (a step cache predicting its output)."""
 
         def split6(m: mx.array) -> list[mx.array]:
             return mx.split(m.astype(F32)[:, None], 6, axis=-1)
@@ -307,7 +309,7 @@ class TransformerBlock(nn.Module):
         img_mod = ImageModulation(split6(modulation[0]), zero, split)
         txt_mod = split6(modulation[1])
         t_shift, t_scale, t_gate = txt_mod[:3]
-        img_attn, txt_attn = self.attn(
+        img_attn, txt_attn = (attention or self.attn)(
             img_mod.modulate(layer_norm(img, self.eps), 0),
             modulate(layer_norm(txt, self.eps), t_shift, t_scale),
             mask,
@@ -377,6 +379,17 @@ class CompiledBlocks:
         if fn is None:
             fn = self.fns[id(block)] = mx.compile(block.__call__, inputs=block)
         return fn
+
+
+# A step cache's hook: (img, txt, run_blocks) -> the image stream after the blocks.
+BlocksHook = Callable[[mx.array, mx.array, Callable], mx.array]
+
+
+def _rows(x, rows: mx.array | None):
+    """Batch rows ``rows`` of a modulation array (or tuple of them); a batch of 1 broadcasts."""
+    if isinstance(x, tuple):
+        return tuple(_rows(a, rows) for a in x)
+    return x if rows is None or x.shape[0] == 1 else x[rows]
 
 
 def _normalize_shapes(img_shapes, batch: int) -> tuple[tuple[int, int, int], ...]:
@@ -620,6 +633,7 @@ class QwenImageTransformer(nn.Module):
         img_shapes,
         modulation: Modulation | None = None,
         controlnet_block_samples: list[mx.array] | None = None,
+        blocks_hook: BlocksHook | None = None,
     ) -> mx.array:
         """Predict the flow velocity for packed latents.
 
@@ -628,8 +642,9 @@ class QwenImageTransformer(nn.Module):
         img_shapes a (frames, h, w) (or a list of them) per batch item. ``modulation``
         (precomputed, see ``modulation()``) replaces ``timestep``. ``controlnet_block_samples``:
         a ControlNet's residuals, added to the image stream after each block as diffusers does
-        (block i takes residual i // ceil(num_layers / len(residuals))). Returns (B, L, out)
-        float32 for all L image tokens.
+        (block i takes residual i // ceil(num_layers / len(residuals))). ``blocks_hook(img, txt,
+        run_blocks)`` (a step cache, ``qwen_mlx.step_cache``) runs the blocks in its stead and
+        returns the image stream. Returns (B, L, out) float32 for all L image tokens.
         """
         cfg = self.config
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
@@ -684,12 +699,25 @@ class QwenImageTransformer(nn.Module):
         f, h, w = shapes[0]  # the noisy latents' tokens come first
         control = controlnet_block_samples or None
         interval = math.ceil(len(self.blocks) / len(control)) if control else 0
-        for i, (block, mod) in enumerate(zip(self.blocks, modulation.blocks, strict=True)):
-            zero_cond = (modulation.zero[i], f * h * w) if cfg.zero_cond_t else None
-            img, txt = self.compiled(block)(img, txt, mod, mask, rope, zero_cond)
-            if control:
-                img = img + control[i // interval]
 
+        def run_blocks(img, txt, start=0, stop=None, rows=None, attention=None):
+            """Blocks [start, stop) on batch ``rows`` (an index array; all when None);
+            ``attention(i, attn)`` gives block i's attention call when set."""
+            m = mask if rows is None or mask is None else mask[rows]
+            for i in range(start, len(self.blocks) if stop is None else stop):
+                block, mod = self.blocks[i], _rows(modulation.blocks[i], rows)
+                zero_cond = None
+                if cfg.zero_cond_t:
+                    zero_cond = (_rows(modulation.zero[i], rows), f * h * w)
+                if attention is None:
+                    img, txt = self.compiled(block)(img, txt, mod, m, rope, zero_cond)
+                else:
+                    img, txt = block(img, txt, mod, m, rope, zero_cond, attention(i, block.attn))
+                if control:
+                    img = img + _rows(control[i // interval], rows)
+            return img, txt
+
+        img = run_blocks(img, txt)[0] if blocks_hook is None else blocks_hook(img, txt, run_blocks)
         return run_linear(self.proj_out, self.norm_out(img, modulation.out)).astype(F32)
 
 

@@ -10,6 +10,7 @@ processes) without copying the loop.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -90,6 +91,8 @@ class Denoiser:
     reference_latents: mx.array | None = None  # packed, appended after the noisy tokens (Edit)
     # extra keyword arguments of the transformer call at step i (ControlNet residuals, ...)
     transformer_kwargs: list[Callable[[int, mx.array], dict]] = field(default_factory=list)
+    # a step cache (qwen_mlx.step_cache.StepCacheRun): called as step_cache(model, *args)
+    step_cache: Callable | None = None
     non_finite_message: Callable[[int, int], str] | None = None
     # several processes (``qwen_mlx.distributed.CfgSplit``): this one computes one CFG branch
     cfg_split: object | None = None
@@ -132,9 +135,10 @@ class Denoiser:
         kwargs = {}
         for extra in self.transformer_kwargs:
             kwargs.update(extra(i, x))
-        v = self.model(x, embeds, mask, None, shapes, modulation=self.modulation_at(i), **kwargs)[
-            :, :L
-        ]
+        model = self.model
+        if self.step_cache is not None:
+            model = functools.partial(self.step_cache, model)
+        v = model(x, embeds, mask, None, shapes, modulation=self.modulation_at(i), **kwargs)[:, :L]
         if self.cfg:
             cond, uncond = split.gather(v) if split else (v[: self.batch], v[self.batch :])
             v = true_cfg(cond, uncond, self.true_cfg_scale)

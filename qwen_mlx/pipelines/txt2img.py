@@ -22,9 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qwen_mlx import checks, control, memory
+from qwen_mlx import checks, control, memory, step_cache
 from qwen_mlx.checks import check_size
-from qwen_mlx.errors import NonFiniteError, RequestError
+from qwen_mlx.errors import NonFiniteError, QwenMLXError, RequestError
 from qwen_mlx.loading import ModelSource, resolve
 from qwen_mlx.lora import LoRA
 from qwen_mlx.pipelines import img2img
@@ -41,6 +41,8 @@ from qwen_mlx.pipelines.denoise import (
 from qwen_mlx.pipelines.sampler import LIGHTNING_SCHEDULER, SchedulerConfig, schedule
 from qwen_mlx.precision import PrecisionPlan
 from qwen_mlx.request import GenerationRequest, ImageResult
+from qwen_mlx.step_cache import FirstBlockCacheConfig as FBCConfig
+from qwen_mlx.step_cache import MagCacheConfig, StepCacheConfig, StepCacheRun, describe
 
 PATCH = 2
 PROMPT_CACHE_SIZE = 64  # distinct (prompt, max_sequence_length, images) keys kept per pipeline
@@ -147,6 +149,10 @@ class QwenImagePipeline:
             source.root / "scheduler", **overrides
         )
         self._prompts: OrderedDict[tuple, Embeds] = OrderedDict()
+        self.step_cache: StepCacheConfig | None = None  # enable_cache / disable_cache
+        self.last_cache: StepCacheRun | None = None  # the last run's cache: its full passes
+        self.last_calibration: Path | None = None  # where the last MagCache calibration went
+        self._cache_by_seed: dict[int, StepCacheRun | None] = {}
         self.timings: dict[str, float] = {}
         self.vae_scale = self.components.vae_scale
         self.parallel, self.world = parallel, None
@@ -371,6 +377,63 @@ class QwenImagePipeline:
         model = self.components.controlnet
         return control.ControlRun(model, conditions, scales, starts, ends, t_in, table)
 
+    # -- step caches (``qwen_mlx.step_cache``, docs/speed.md)
+
+    def enable_cache(self, config: StepCacheConfig) -> None:
+        """Skip transformer passes from the next run on: a ``FirstBlockCacheConfig``,
+        ``TaylorSeerCacheConfig`` or ``MagCacheConfig`` (diffusers' fields and decisions, per
+        CFG branch). A MagCache without ``mag_ratios`` reads the ratios a ``calibrate=True`` run
+        stored for this checkpoint, LoRAs and schedule."""
+        if not isinstance(config, StepCacheConfig):
+            raise RequestError(f"not a step cache config: {config!r}")
+        self.step_cache = config
+
+    def disable_cache(self) -> None:
+        self.step_cache = None
+
+    def request_timesteps(self, req: GenerationRequest) -> np.ndarray:
+        """The timesteps a prepared request samples (img2img keeps the last ones)."""
+        h, w = req.height // self.vae_scale // PATCH, req.width // self.vae_scale // PATCH
+        sig, timesteps = self.schedule(req.steps, h * w, list(req.sigmas) if req.sigmas else None)
+        if req.images and self.default_strength is not None:
+            sig, timesteps = img2img.trim_schedule(sig, timesteps, req.strength)
+        return timesteps
+
+    def check_cache(self, req: GenerationRequest) -> None:
+        """A MagCache that needs stored ratios finds them (before any model loads)."""
+        self.step_cache_run(self.request_timesteps(req), 2 if req.cfg_on else 1)
+
+    def calibration_key(self, timesteps: np.ndarray, branches: int) -> str:
+        from qwen_mlx.adaln import weights_identity
+
+        folder = weights_identity(self.source.folder("transformer"))
+        return step_cache.calibration_key(folder, timesteps, branches, self.lora_key())
+
+    def step_cache_run(self, timesteps: np.ndarray, branches: int) -> StepCacheRun | None:
+        """A fresh cache state for one run (None: no cache)."""
+        config = self.step_cache
+        if config is None:
+            return None
+        ratios = None
+        if isinstance(config, MagCacheConfig) and config.mag_ratios is None:
+            if not config.calibrate:
+                ratios = step_cache.load_calibration(self.calibration_key(timesteps, branches))
+                if ratios is None:
+                    raise QwenMLXError(
+                        f"no MagCache ratios for this checkpoint and schedule ({len(timesteps)} "
+                        f"steps, CFG {'on' if branches == 2 else 'off'}): run it once with "
+                        "--cache-calibrate (Python: MagCacheConfig(calibrate=True))"
+                    )
+        return StepCacheRun(config, len(timesteps), branches, ratios)
+
+    def _cached_steps(self, steps, run: StepCacheRun, timesteps) -> Iterator[StepEvent]:
+        self.last_cache = run
+        yield from steps
+        if run.calibrated:  # MagCache calibration: store the ratios for later runs
+            key = self.calibration_key(timesteps, len(run.names))
+            info = {"model": self.source.name, "steps": len(timesteps)}
+            self.last_calibration = step_cache.save_calibration(key, run.calibrated, info)
+
     # -- stage 1: prompts
 
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> Embeds:
@@ -465,6 +528,16 @@ class QwenImagePipeline:
     ) -> Denoiser:
         """One run's ``Denoiser``. The adaLN table (when on) is built before the transformer
         loads, so the modulation weights and the rest are never both in memory."""
+        if control_run is not None and isinstance(self.step_cache, (FBCConfig, MagCacheConfig)):
+            # diffusers adds the residuals of skipped blocks too; not emulated yet
+            raise RequestError(
+                "fbcache and magcache do not run with a ControlNet yet (use taylorseer)"
+            )
+        if self.step_cache is not None and negative is not None and self.cfg_split is not None:
+            raise RequestError(
+                "step caches do not run with --parallel cfg yet (use --parallel seeds or tensor)"
+            )
+        cache = self.step_cache_run(timesteps, 1 if negative is None else 2)
         t_in = mx.array([float(t) for t in timesteps], dtype=mx.float32) / 1000.0
         table = self.modulation_table(t_in) if self.adaln_cache else None
         den = Denoiser(
@@ -478,6 +551,7 @@ class QwenImagePipeline:
             reference_latents,
             non_finite_message=self._non_finite_message,
             cfg_split=self.cfg_split,
+            step_cache=cache,
         )
         if control_run is not None:  # the residuals of the positive prompt, for both CFG halves
             den.transformer_kwargs.append(control_run.kwargs(den))
@@ -508,7 +582,11 @@ class QwenImagePipeline:
         den = self.denoiser(
             prompt, negative, timesteps, img_shapes, true_cfg_scale, reference_latents, control_run
         )
-        return den.steps(latents, sigmas, step_hook, cancel)
+        steps = den.steps(latents, sigmas, step_hook, cancel)
+        self.last_cache = None
+        if den.step_cache is None:
+            return steps
+        return self._cached_steps(steps, den.step_cache, timesteps)
 
     def denoise(self, latents: mx.array, *args, callback=None, **kwargs) -> mx.array:
         """``denoise_steps`` run to the end: the final latents (``callback(step, total,
@@ -636,6 +714,7 @@ class QwenImagePipeline:
             quantize=self.quantize,
             adaln_cache=self.adaln_cache,
             lightning=self.lightning,
+            **self.cache_metadata(self._cache_by_seed.get(seed)),
             loras=[
                 {"name": x.name, "path": str(x.path), "scale": sc, "sha256": x.digest}
                 for x, sc in self.loras
@@ -645,6 +724,14 @@ class QwenImagePipeline:
         if req.control_images:
             meta["control"]["controlnet"] = self.components.controlnet_info["name"]
         return meta
+
+    @staticmethod
+    def cache_metadata(run: StepCacheRun | None) -> dict:
+        """Which step cache ran and how many full passes it took (of steps x CFG branches)."""
+        if run is None:
+            return {"cache": None}
+        return {"cache": describe(run.config), "cache_full_passes": run.total_full_passes,
+                "cache_passes": run.passes}  # fmt: skip
 
     def generate(
         self, request: GenerationRequest, cancel: CancelToken | None = None, local: bool = False
@@ -662,6 +749,8 @@ class QwenImagePipeline:
             yield from run_generate(self, request, cancel)
             return
         req = self.prepare(request)
+        self.check_cache(req)
+        self._cache_by_seed = {}
         pending = []
         for seed in req.seeds:
             latents = None
@@ -669,6 +758,7 @@ class QwenImagePipeline:
                 event.seed = seed
                 latents = event.latents
                 yield event
+            self._cache_by_seed[seed] = self.last_cache  # a seed's run is the same every time
             if req.low_memory:
                 pending.append((seed, latents))
             else:
