@@ -60,6 +60,26 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class KeyCheck:
+    """ASGI middleware: every path but ``PUBLIC`` needs the API key (401 in the API's shape)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not PUBLIC.match(scope["path"]):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not authorized(header, self.key):
+                response = error_response(
+                    scope["path"],
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                    {"WWW-Authenticate": 'Bearer, Basic realm="qwen-mlx"'},
+                )
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def authorized(header: str | None, key: str) -> bool:
     """``Authorization: Bearer KEY`` (OpenAI clients) or HTTP basic auth with KEY as the
     password (A1111's ``--api-auth``), compared in constant time."""
@@ -115,19 +135,9 @@ def create_app(
         message = f"unexpected {type(e).__name__}: {one_line(e)}"
         return error_response(request.url.path, 500, message)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and not PUBLIC.match(request.url.path):
-            if not authorized(request.headers.get("authorization"), api_key):
-                return error_response(
-                    request.url.path,
-                    401,
-                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                    {"WWW-Authenticate": 'Bearer, Basic realm="qwen-mlx"'},
-                )
-        return await call_next(request)
-
-    app.add_middleware(BodyLimit, limit=max_body)
+    if api_key:
+        app.add_middleware(KeyCheck, key=api_key)
+    app.add_middleware(BodyLimit, limit=max_body)  # outermost: before anything reads the body
 
     @app.get("/health", tags=["server"])
     async def health(request: Request):
