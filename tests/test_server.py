@@ -1,8 +1,9 @@
 """`qwen-mlx serve` on loopback: the OpenAI client, A1111-shaped requests, bad inputs, a burst
 against a full queue, interrupt and disconnect, and schemathesis on the server's own schema.
 
-One server (the tiny checkpoint of tests/tiny_pipeline.py) for the whole module; its memory
-limit ($QWEN_MLX_MEMORY_LIMIT 100 MiB) lets 64x64 through and refuses 256x256 with advice.
+One server for the session (conftest's ``tiny_server``: the tiny checkpoint of
+tests/tiny_pipeline.py); its memory limit ($QWEN_MLX_MEMORY_LIMIT 100 MiB) lets 64x64 through
+and refuses 256x256 with advice.
 Equality with `qwen-mlx generate` is exact (same seeds, same code path, same machine): pixels
 and PNG metadata.
 """
@@ -18,17 +19,14 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import convert_tiny
 from PIL import Image
 from server_helpers import (
-    Server,
     huge_png_header,
     png_file,
     png_metadata,
     png_pixels,
     png_text,
 )
-from tiny_pipeline import build_checkpoint
 from typer.testing import CliRunner
 
 from qwen_mlx.cli import app as cli_app
@@ -38,21 +36,13 @@ SMALL = {"size": "32x32", "extra_body": {"steps": 2}}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    src = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")[0]
-    return convert_tiny(src, tmp_path_factory.mktemp("mlx") / "tiny")
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    srv = Server(
-        model,
-        "--max-queue", "4", "--max-steps", "400", "--max-body-mb", "1",
-        cwd=tmp_path_factory.mktemp("serve"),
-        env={"QWEN_MLX_MEMORY_LIMIT": "100MiB"},
-    )  # fmt: skip
-    yield srv
-    assert srv.stop() == 0, srv.output()
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +180,7 @@ BAD = [
     ("/v1/images/generations", {"prompt": "x", "size": "33x32"}, 400, "not a multiple of 8"),
     ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size must be"),
     ("/v1/images/generations", {"prompt": "x", "steps": 0}, 400, "steps must be at least 1"),
-    ("/v1/images/generations", {"prompt": "x", "steps": 401}, 400, "at most 400"),
+    ("/v1/images/generations", {"prompt": "x", "steps": 1001}, 400, "at most 1000"),
     ("/v1/images/generations", {"prompt": "x", "n": 11}, 400, "n:"),
     ("/v1/images/generations", {"size": "32x32"}, 400, "prompt: Field required"),
     ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 400, "unknown model"),
@@ -315,7 +305,7 @@ def test_interrupt_stops_the_running_job(server):
         with server.client() as c:
             answer["res"] = c.post(
                 "/sdapi/v1/txt2img",
-                json={"prompt": "long", "steps": 400, "width": 64, "height": 64},
+                json={"prompt": "long", "steps": 1000, "width": 64, "height": 64},
             )
 
     t = threading.Thread(target=long_job)
@@ -328,7 +318,7 @@ def test_interrupt_stops_the_running_job(server):
         res = answer["res"]
         assert res.status_code == 409 and "interrupted at step" in res.json()["detail"]
         step = int(res.json()["detail"].split("at step ")[1].split("/")[0])
-        assert step < 400
+        assert step < 1000
         assert c.get("/sdapi/v1/progress").json()["state"]["interrupted"] is True
     assert server.health()["last_job"]["state"] == "cancelled"
 
@@ -337,7 +327,7 @@ def test_a_client_that_disconnects_cancels_its_job(server):
     with server.client() as c, pytest.raises(httpx.ReadTimeout):
         c.post(
             "/v1/images/generations",
-            json={"prompt": "gone", "size": "64x64", "steps": 400},
+            json={"prompt": "gone", "size": "64x64", "steps": 1000},
             timeout=httpx.Timeout(60, read=1.0),
         )
     wait_idle(server)
@@ -381,7 +371,7 @@ def test_masks_follow_each_apis_convention():
 
 def test_schema_fuzz(server):
     """Every operation of /openapi.json, 6 generated examples each: never a 5xx (generation
-    requests run for real; --max-steps and the memory limit keep them small)."""
+    requests run for real; the memory limit keeps them small)."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error

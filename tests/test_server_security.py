@@ -4,6 +4,7 @@ every API path, and SIGTERM: stop accepting, cancel, exit 0, nothing written."""
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 import threading
 import time
@@ -11,20 +12,13 @@ import time
 import httpx
 import openai
 import pytest
-from helpers import convert_tiny
 from server_helpers import Server, free_port, png_pixels, serve_command
-from tiny_pipeline import build_checkpoint
 
 from qwen_mlx.server.app import authorized
+from qwen_mlx.server.command import ServeError, check_options
 
 pytestmark = pytest.mark.timeout(300)
 KEY = "s3cret-key-for-tests"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    src = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")[0]
-    return convert_tiny(src, tmp_path_factory.mktemp("mlx") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -33,45 +27,69 @@ def cwd(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model, cwd):
-    srv = Server(model, "--api-key", KEY, cwd=cwd, key=KEY)
+def server(tiny_model, cwd):
+    srv = Server(tiny_model, "--api-key", KEY, cwd=cwd, key=KEY)
     yield srv
     srv.stop()
 
 
+def test_a_non_loopback_host_needs_a_key(tiny_model):
+    res = subprocess.run(
+        serve_command(tiny_model, free_port(), "--host", "0.0.0.0"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "refusing to listen on 0.0.0.0 without --api-key" in res.stderr
+    assert "Traceback" not in res.stderr and "loading" not in res.stderr  # refused before loading
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("host", "key", "queue", "message"),
     [
-        (["--host", "0.0.0.0"], "refusing to listen on 0.0.0.0 without --api-key"),
-        (["--host", "192.168.1.20"], "refusing to listen on 192.168.1.20"),
-        (["--api-key", "short"], "--api-key must be at least 8 characters"),
-        (["--max-queue", "0"], "--max-queue must be at least 1"),
+        ("192.168.1.20", None, 4, "refusing to listen on 192.168.1.20"),
+        ("::", None, 4, "refusing to listen on ::"),
+        ("127.0.0.1", "short", 4, "--api-key must be at least 8 characters"),
+        ("127.0.0.1", None, 0, "--max-queue must be at least 1"),
     ],
 )
-def test_unsafe_options_are_refused_before_loading(model, args, message):
-    res = subprocess.run(
-        serve_command(model, free_port(), *args), capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 2 and message in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr and "loading" not in res.stderr
+def test_unsafe_options_are_refused(host, key, queue, message):
+    with pytest.raises(ServeError, match=re.escape(message)):
+        check_options(host, 7860, key, queue)
+    for ok in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_options(ok, 7860, None, 1)
+    check_options("0.0.0.0", 7860, KEY, 1)
 
 
-def test_the_key_is_required_on_every_api(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        assert c.get("/health").status_code == 200  # public: load balancers, scripts
+class StubWorker:
+    """No model: authorised API calls answer 503 (loading), unauthorised ones 401."""
+
+    engine, load_error, accepting, last, memory = None, None, True, None, {}
+
+
+def test_the_key_is_required_on_every_api():
+    from fastapi.testclient import TestClient
+
+    from qwen_mlx.server.app import create_app
+
+    with TestClient(create_app(StubWorker(), api_key=KEY)) as c:
         assert c.get("/").status_code == 200  # the page asks for the key itself
+        assert c.get("/health").status_code == 503  # public (no model here)
+        for path in ("/v1/models", "/sdapi/v1/sd-models", "/openapi.json", "/api/info"):
+            res = c.get(path)
+            assert res.status_code == 401, path
+            assert "Bearer" in res.headers["WWW-Authenticate"]
         res = c.get("/v1/models")
-        assert res.status_code == 401 and res.json()["error"]["code"] == "invalid_api_key"
-        assert "Bearer" in res.headers["WWW-Authenticate"]
+        assert res.json()["error"]["code"] == "invalid_api_key"
         res = c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer wrong-key-123"})
         assert res.status_code == 401 and "API key" in res.json()["detail"]
-        assert c.get("/openapi.json").status_code == 401
-        assert c.get("/api/info").status_code == 401
+        res = c.post("/v1/images/generations", json={"prompt": "x"})
+        assert res.status_code == 401
         ok = c.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-        assert ok.status_code == 200
+        assert ok.status_code == 503 and "loading" in ok.json()["error"]["message"]
         basic = base64.b64encode(f"user:{KEY}".encode()).decode()
         res = c.get("/sdapi/v1/sd-models", headers={"Authorization": f"Basic {basic}"})
-        assert res.status_code == 200
+        assert res.status_code == 503
+        assert c.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).is_success
 
 
 def test_the_openai_client_with_the_key(server):

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import convert_tiny
-from server_helpers import Server, png_metadata
-from tiny_pipeline import build_checkpoint
+from server_helpers import png_metadata
 
 CHROMIUM = os.environ.get("QWEN_MLX_CHROMIUM", "/usr/bin/chromium")
 pytestmark = [
@@ -34,12 +32,8 @@ WATCH_BAR = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    src = build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")[0]
-    model = convert_tiny(src, tmp_path_factory.mktemp("mlx") / "tiny")
-    srv = Server(model, cwd=tmp_path_factory.mktemp("serve"))
-    yield srv
-    assert srv.stop() == 0, srv.output()
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
