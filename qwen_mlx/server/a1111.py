@@ -158,12 +158,10 @@ async def progress(request: Request, skip_current_image: bool = False):
         "sampling_step": job.step if job else 0,
         "sampling_steps": job.total if job else 0,
     }
-    eta = job.eta if job else None
-    elapsed = time.time() - job.started if job and job.started else 0.0
-    # A1111's eta_relative: the time left in seconds
+    eta = job.eta if job else None  # seconds left (A1111's eta_relative); 0 until a step ran
     return {
         "progress": round(job.progress, 4) if job else 0.0,
-        "eta_relative": round(eta, 2) if eta is not None else (0.0 if job is None else elapsed),
+        "eta_relative": round(eta, 2) if eta is not None else 0.0,
         "state": state,
         "current_image": None,
         "textinfo": None if job is None else f"image {job.image + 1}/{job.n}",

@@ -7,6 +7,9 @@ import logging
 import signal
 import sys
 import threading
+from typing import Annotated
+
+import typer
 
 DEFAULT_PORT = 7860  # A1111's (and Draw Things')
 
@@ -138,33 +141,86 @@ except ImportError:  # pragma: no cover - the server extra is not installed
     _Server = None
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m qwen_mlx.server`
-    import argparse
+def serve_cli(
+    model: Annotated[
+        str, typer.Option(help="Converted or diffusers folder, or hub repo id (Edit too)")
+    ] = "Qwen/Qwen-Image",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; beyond loopback needs --api-key")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (A1111's)")] = DEFAULT_PORT,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="QWEN_MLX_API_KEY", help="Require this key (Bearer or basic auth)"),
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="Jobs waiting behind the running one")] = 8,
+    max_steps: Annotated[int | None, typer.Option(help="Most steps a request may ask")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB")] = 64,
+    warm_up: Annotated[
+        bool, typer.Option("--warm-up/--no-warm-up", help="Load every weight before serving")
+    ] = True,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="Override the stored plan: fp32, bf16, fp16, mixed, auto (this Mac)"),
+    ] = None,
+    quantize: Annotated[
+        int | None, typer.Option(help="Quantize a float transformer as it loads: 4 or 8 bits")
+    ] = None,
+    quantize_text_encoder: Annotated[
+        str, typer.Option(help="Language model: 4, 8, none, or auto (8 with --quantize)")
+    ] = "auto",
+    adaln_cache: Annotated[
+        bool,
+        typer.Option("--adaln-cache/--no-adaln-cache", help="Precompute the modulation"),
+    ] = True,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="LoRA file PATH[:SCALE] (scale 1 by default); repeat to stack"),
+    ] = None,
+    lightning: Annotated[
+        int | None,
+        typer.Option(help="Lightning preset (4 or 8 steps, CFG 1) for a Lightning --lora"),
+    ] = None,
+) -> None:
+    """Serve a model over the OpenAI Images and AUTOMATIC1111 APIs, with a web page at /."""
+    from qwen_mlx.cli import UserError, parse_lora, user_errors
 
-    parser = argparse.ArgumentParser(prog="python -m qwen_mlx.server", description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--max-queue", type=int, default=8)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--max-body-mb", type=float, default=64)
-    parser.add_argument("--precision", default=None)
-    parser.add_argument("--no-warm-up", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        return serve(
-            args.model,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            max_queue=args.max_queue,
-            max_steps=args.max_steps,
-            max_body_mb=args.max_body_mb,
-            warm_up=not args.no_warm_up,
-            precision=args.precision,
+    with user_errors():
+        try:
+            check_options(host, port, api_key, max_queue)
+        except ServeError as e:
+            raise UserError(str(e)) from None
+        if lightning is not None and lightning not in (4, 8):
+            raise UserError(f"--lightning must be 4 or 8, got {lightning}")
+        if lightning is not None and not lora:
+            raise UserError("--lightning needs its LoRA: give it with --lora")
+        if quantize is not None:
+            from qwen_mlx.quantize import check_bits
+
+            check_bits(quantize)
+        loras = [parse_lora(spec) for spec in lora or []]
+        for path, _ in loras:
+            if not path.is_file():
+                raise UserError(f"LoRA file not found: {path}")
+        code = serve(
+            model,
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_queue=max_queue,
+            max_steps=max_steps,
+            max_body_mb=max_body_mb,
+            warm_up=warm_up,
+            precision=precision,
+            quantize=quantize,
+            quantize_text_encoder=quantize_text_encoder,
+            adaln_cache=adaln_cache,
+            loras=loras,
+            lightning=lightning,
         )
-    except (ValueError, OSError, MemoryError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover - `python -m qwen_mlx.server`
+    logging.basicConfig(level=logging.WARNING)
+    typer.run(serve_cli)

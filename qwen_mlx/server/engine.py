@@ -188,7 +188,7 @@ class Engine:
         checks.check_prompts(p.prompt)
         if p.negative_prompt is not None:
             checks.check_prompts(p.negative_prompt, "negative_prompt")
-        checks.check_int("n", p.n, 1, self.max_images)
+        checks.check_int("the number of images (n, batch_size * n_iter)", p.n, 1, self.max_images)
         steps = self.default_steps if p.steps is None else p.steps
         cfg = self.default_cfg if p.cfg is None else p.cfg
         checks.check_steps(steps, self.max_steps, name="steps")
