@@ -353,6 +353,32 @@ def test_cancel_stops_within_one_step(model):
     assert seen == [1, 2, 3]
 
 
+def test_load_options_as_generate(model, tmp_path):
+    """The engine loads LoRAs and the Lightning preset as `generate` does: same defaults (4
+    steps, CFG 1), same pixels, same metadata (LoRA name, scale and digest)."""
+    from tiny_lora import MODULES, layout_tensors, random_factors, save
+    from tiny_pipeline import TEXT_HIDDEN
+    from tiny_transformer import build_transformer
+
+    from qwen_mlx.server.engine import CancelToken, Engine, Params
+
+    blocks = tuple(m for m in MODULES if not m.startswith("transformer_blocks.2."))
+    ref = build_transformer("diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN)
+    tensors, _ = layout_tensors("diffusion_model", random_factors(ref, blocks, 4, 1), 2.0)
+    lora = save(tmp_path / "lightning.safetensors", tensors)
+    engine = Engine.load(str(model), loras=[(lora, 0.8)], lightning=4)
+    plan = engine.check(Params("a cube", width=32, height=48, seed=2))
+    assert (plan.steps, plan.cfg) == (4, 1.0)
+    (result,) = engine.run(plan, CancelToken(), lambda s: None)
+    cli = cli_generate(
+        model, tmp_path / "cli", [2], "--width", "32", "--height", "48", "--lightning", "4",
+        "--lora", f"{lora}:0.8",
+    )  # fmt: skip
+    np.testing.assert_array_equal(png_pixels(result.png), png_pixels(cli[2]))
+    assert png_metadata(result.png) == png_metadata(cli[2])
+    assert "Lightning: 4 steps, LoRAs: lightning.safetensors:0.8" in png_text(result.png)
+
+
 def test_masks_follow_each_apis_convention():
     """OpenAI: transparent = edit; a plain grey mask: white = repaint (A1111, the CLI)."""
     from qwen_mlx.server.common import as_mask

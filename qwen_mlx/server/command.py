@@ -192,8 +192,6 @@ def serve_cli(
             raise UserError(str(e)) from None
         if lightning is not None and lightning not in (4, 8):
             raise UserError(f"--lightning must be 4 or 8, got {lightning}")
-        if lightning is not None and not lora:
-            raise UserError("--lightning needs its LoRA: give it with --lora")
         if quantize is not None:
             from qwen_mlx.quantize import check_bits
 
