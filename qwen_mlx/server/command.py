@@ -118,8 +118,9 @@ try:
     import uvicorn as _uvicorn
 
     class _Server(_uvicorn.Server):
-        """uvicorn's server; a signal also cancels every job at once (instead of waiting for
-        them), and SIGTERM ends with exit code 0 (uvicorn re-raises the signal otherwise)."""
+        """uvicorn's server; a signal also cancels every job at once (instead of waiting
+        for them), and SIGTERM / Ctrl-C end with exit code 0 (uvicorn re-raises the signal
+        otherwise)."""
 
         def __init__(self, config, worker):
             super().__init__(config)
@@ -130,8 +131,9 @@ try:
             self.worker.stop_accepting()
             threading.Thread(target=self.worker.close, daemon=True).start()
             super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", []):
-                self._captured_signals.remove(sig)
+            captured = getattr(self, "_captured_signals", [])
+            if sig in (signal.SIGTERM, signal.SIGINT) and sig in captured:
+                captured.remove(sig)  # a requested stop: exit 0, not killed by the signal
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
