@@ -16,15 +16,6 @@ from dataclasses import dataclass, field
 
 from qwen_mlx.errors import QwenMLXError
 
-ASPECTS = {  # the official presets (as `generate --aspect`)
-    "1:1": (1328, 1328),
-    "16:9": (1664, 928),
-    "9:16": (928, 1664),
-    "4:3": (1472, 1104),
-    "3:4": (1104, 1472),
-    "3:2": (1584, 1056),
-    "2:3": (1056, 1584),
-}
 DEFAULT_STRENGTH = 0.6  # img2img / inpaint, as `generate --strength`
 DEFAULT_NEGATIVE = " "  # as `generate --negative-prompt`
 
@@ -339,8 +330,15 @@ class Engine:
             "default_cfg": self.default_cfg,
             "max_steps": self.max_steps,
             "max_images": self.max_images,
-            "aspects": ASPECTS,
+            "aspects": aspects(),
         }
+
+
+def aspects() -> dict[str, tuple[int, int]]:
+    """The official presets, as `generate --aspect` knows them."""
+    from qwen_mlx.cli import ASPECTS
+
+    return ASPECTS
 
 
 def png_bytes(image, metadata: dict) -> bytes:
