@@ -407,7 +407,7 @@ def test_schema_fuzz(server):
     for result in schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=6, deadline=None, database=None,
+        @settings(max_examples=6, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(case=operation.as_strategy())
         def run(case):
