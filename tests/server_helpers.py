@@ -26,8 +26,9 @@ def free_port() -> int:
 
 
 def serve_command(model: Path, port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "qwen_mlx.server", "--model", str(model), "--port", str(port),
-            *args]  # fmt: skip
+    """`qwen-mlx serve` (the console script of this environment)."""
+    cli = Path(sys.executable).parent / "qwen-mlx"
+    return [str(cli), "serve", "--model", str(model), "--port", str(port), *args]
 
 
 class Server:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -21,7 +22,7 @@ from tiny_edit import TEST_CONDITION_AREA, TEST_VAE_AREA, build_edit_checkpoint
 from typer.testing import CliRunner
 
 from qwen_mlx.cli import app as cli_app
-from qwen_mlx.edit_pipeline import QwenImageEditPipeline
+from qwen_mlx.pipelines.edit import QwenImageEditPipeline
 
 pytestmark = pytest.mark.timeout(300)
 CHROMIUM = os.environ.get("QWEN_MLX_CHROMIUM", "/usr/bin/chromium")
@@ -79,8 +80,10 @@ def test_edits_match_the_cli(server, model, inputs, tmp_path):
     )  # fmt: skip
     assert cli.exit_code == 0, cli.output
     np.testing.assert_array_equal(png_pixels(served), png_pixels(out.read_bytes()))
-    meta = png_metadata(served)
-    assert meta == png_metadata(out.read_bytes())
+    meta, cli_meta = png_metadata(served), png_metadata(out.read_bytes())
+    # the CLI records its first input's path, the server the uploaded file's name
+    assert meta.pop("image") == Path(cli_meta.pop("image")).name == "cat.png"
+    assert meta == cli_meta
     assert meta["flavour"] == "edit-2511" and [i["file"] for i in meta["images"]] == [
         "cat.png",
         "hat.png",

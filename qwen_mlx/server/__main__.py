@@ -1,3 +1,7 @@
-from .command import main
+"""``python -m qwen_mlx.server``: the same as ``qwen-mlx serve``."""
 
-main()
+import typer
+
+from qwen_mlx.cli.serve import serve
+
+typer.run(serve)

@@ -12,6 +12,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from qwen_mlx.errors import QwenMLXError
+
 from .engine import Params
 from .jobs import Job, QueueFull, ShuttingDown, Worker, one_line
 
@@ -138,7 +140,7 @@ async def submit(request: Request, params: Params) -> Job:
         plan = await run_in_threadpool(worker.engine.check, params)
     except ApiError:
         raise
-    except (ValueError, MemoryError, OverflowError) as e:  # QwenMLXError subclasses included
+    except (QwenMLXError, ValueError, MemoryError, OverflowError) as e:
         raise ApiError(400, one_line(e)) from None
     try:
         return worker.submit(plan)

@@ -8,37 +8,28 @@ thread that owns MLX and the resident pipeline.
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.errors import Cancelled
+from qwen_mlx.pipelines.denoise import CancelToken as _CoreToken
 
-DEFAULT_STRENGTH = 0.6  # img2img / inpaint, as `generate --strength`
+__all__ = ["Cancelled", "CancelToken", "Engine", "Params", "Plan", "Result", "Step"]
 DEFAULT_NEGATIVE = " "  # as `generate --negative-prompt`
+MAX_EDIT_IMAGES = 3  # Edit-2509/2511 (Qwen-Image-Edit: 1)
 
 
-class Cancelled(QwenMLXError):
-    """The run was cancelled (interrupt, a client that went away, shutdown); nothing is kept."""
-
-
-class CancelToken:
-    """Set from any thread; the run checks it after every step."""
+class CancelToken(_CoreToken):
+    """The core's token (checked before every step), plus why it was cancelled."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        super().__init__()
         self.reason = "cancelled"
 
     def cancel(self, reason: str = "cancelled") -> None:
-        if not self._event.is_set():
+        if not self.cancelled:
             self.reason = reason
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
+        super().cancel()
 
 
 @dataclass(frozen=True)
@@ -61,16 +52,38 @@ class Params:
 
 @dataclass
 class Plan:
-    """A checked request, defaults resolved: what the worker runs."""
+    """A checked request (``GenerationRequest``, prepared: defaults resolved)."""
 
-    params: Params
-    width: int
-    height: int
-    steps: int
-    cfg: float
-    seeds: list[int]
-    strength: float | None
-    metadata: dict = field(default_factory=dict)  # written into every PNG (plus seed, size)
+    request: object
+    model: str
+
+    @property
+    def width(self) -> int:
+        return self.request.width
+
+    @property
+    def height(self) -> int:
+        return self.request.height
+
+    @property
+    def steps(self) -> int:
+        return self.request.steps
+
+    @property
+    def cfg(self) -> float:
+        return self.request.cfg
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.request.seeds)
+
+    @property
+    def strength(self) -> float | None:
+        return self.request.strength
+
+    @property
+    def negative_prompt(self) -> str | None:
+        return self.request.negative_prompt
 
 
 @dataclass
@@ -96,8 +109,6 @@ class Engine:
         pipe,
         model: str,
         *,
-        lightning: int | None = None,
-        loras: list | None = None,
         max_images: int = 10,
         max_steps: int | None = None,
         max_image_pixels: int = 50_000_000,
@@ -108,12 +119,10 @@ class Engine:
         self.model = model
         self.edit = hasattr(pipe, "edit_size")
         self.plus = bool(getattr(pipe, "plus", False))
-        self.lightning = lightning
-        self.loras = loras or []  # [{"name", "path", "scale", "sha256"}], applied at load
         self.max_images = max_images
         self.max_steps = max_steps or checks.MAX_STEPS
         self.max_image_pixels = max_image_pixels
-        self.multiple = pipe.vae_scale * 2
+        self.multiple = pipe.vae_scale * 2  # VAE scale x 2x2 patches
 
     @classmethod
     def load(
@@ -130,190 +139,117 @@ class Engine:
     ) -> Engine:
         """Open ``model`` (text-to-image or Edit, as its model_index says) with generate's load
         options; weights load on the first request (or :meth:`warm_up`)."""
-        from qwen_mlx.edit_pipeline import EDIT_CLASSES, QwenImageEditPipeline
         from qwen_mlx.loading import resolve
-        from qwen_mlx.pipeline import QwenImagePipeline
-        from qwen_mlx.quantize import text_encoder_bits
-        from qwen_mlx.sampler import LIGHTNING_SCHEDULER
+        from qwen_mlx.pipelines.edit import EDIT_CLASSES, QwenImageEditPipeline
+        from qwen_mlx.pipelines.txt2img import QwenImagePipeline
+        from qwen_mlx.quantize import check_bits, text_encoder_bits
 
-        source = resolve(model)
-        edit = source.index.get("_class_name") in EDIT_CLASSES
-        if edit:
-            pipe = QwenImageEditPipeline.from_pretrained(model, precision=precision)
-        else:
-            te_bits = text_encoder_bits(quantize_text_encoder, quantize)
-            pipe = QwenImagePipeline.from_pretrained(
-                model,
-                precision=precision,
-                scheduler_overrides=LIGHTNING_SCHEDULER if lightning else None,
-                quantize=quantize,
-                quantize_text_encoder=te_bits or "none",
-                adaln_cache=adaln_cache,
-            )
+        if quantize is not None:
+            check_bits(quantize)
+        edit = resolve(model).index.get("_class_name") in EDIT_CLASSES
+        pipe_cls = QwenImageEditPipeline if edit else QwenImagePipeline
+        pipe = pipe_cls.from_pretrained(
+            model,
+            precision=precision,
+            quantize=quantize,
+            quantize_text_encoder=text_encoder_bits(quantize_text_encoder, quantize) or "none",
+            adaln_cache=adaln_cache,
+            lightning=lightning,
+        )
         pipe.check_components()
-        applied = []
         for path, scale in loras:
-            lora = pipe.load_lora(path, scale)
-            applied.append(
-                {"name": lora.name, "path": str(path), "scale": scale, "sha256": lora.digest}
-            )
-        return cls(pipe, model, lightning=lightning, loras=applied, **limits)
+            pipe.load_lora(path, scale)  # checked against the transformer's shapes here
+        return cls(pipe, model, **limits)
 
     @property
     def default_steps(self) -> int:
         """The model's: 50 (Edit-2509/2511: 40), or the Lightning preset's."""
-        return self.lightning or (self.pipe.default_steps if self.edit else 50)
+        return self.pipe.default_steps
 
     @property
     def default_cfg(self) -> float:
-        return 1.0 if self.lightning else 4.0
+        return self.pipe.default_cfg
 
     # -- on the request's thread
 
     def check(self, p: Params) -> Plan:
-        """Validate ``p`` with the CLI's checks and the memory guard; resolve the defaults.
-        Raises a one-line ValueError / QwenMLXError (the memory guard's names what would fit)."""
+        """``p`` as a ``GenerationRequest``, prepared by the pipeline (the CLI's checks, the
+        model's defaults) and checked against the memory guard. Raises a one-line
+        ``RequestError`` / ``QwenMLXError`` / ``MemoryLimitError`` (with what would fit)."""
         from qwen_mlx import checks, memory
-        from qwen_mlx.pipeline import random_seed
+        from qwen_mlx.errors import RequestError
+        from qwen_mlx.pipelines.txt2img import random_seed
+        from qwen_mlx.request import GenerationRequest
 
-        checks.check_prompts(p.prompt)
-        if p.negative_prompt is not None:
-            checks.check_prompts(p.negative_prompt, "negative_prompt")
         checks.check_int("the number of images (n, batch_size * n_iter)", p.n, 1, self.max_images)
-        steps = self.default_steps if p.steps is None else p.steps
-        cfg = self.default_cfg if p.cfg is None else p.cfg
-        checks.check_steps(steps, self.max_steps, name="steps")
-        cfg = checks.check_cfg(cfg)
-        seed = random_seed() if p.seed is None else p.seed
-        seeds = [s + i for i, s in enumerate(checks.check_seeds([seed] * p.n, p.n))]
-        if p.strength is not None and not 0.0 <= p.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {p.strength}")
+        if p.steps is not None:
+            checks.check_steps(p.steps, self.max_steps, name="steps")
         if (p.width is None) != (p.height is None):
-            raise ValueError("give both width and height, or neither")
-        meta = {"prompt": p.prompt, "negative_prompt": p.negative_prompt or DEFAULT_NEGATIVE}
-        meta.update(steps=steps, cfg=cfg, model=self.model)
-        strength = None
-        if self.edit:
-            if not p.images:
-                raise ValueError("this is an Edit model: give an image to edit")
-            most = 3 if self.plus else 1
-            if len(p.images) > most:
-                raise ValueError(f"this model takes at most {most} image(s), got {len(p.images)}")
-            if p.mask is not None:
-                raise ValueError("an Edit model takes no mask (inpainting needs Qwen-Image)")
-            height, width = self.pipe.edit_size(list(p.images), p.height, p.width)
-            meta.update(flavour=self.pipe.flavour, loras=self.loras)
-            meta["images"] = [
-                {"file": name, "width": im.width, "height": im.height}
-                for name, im in zip(p.image_names, p.images, strict=True)
-            ]
-        else:
-            if len(p.images) > 1:
-                raise ValueError(f"img2img takes one image, got {len(p.images)}")
-            if p.mask is not None and not p.images:
-                raise ValueError("a mask needs an image to inpaint")
-            source = p.images[0] if p.images else None
-            if p.strength is not None and source is None:
-                raise ValueError("strength needs an image (img2img)")
-            width, height = self.pipe.output_size(p.width, p.height, source)
-            if source is not None:
-                from qwen_mlx.img2img import first_step
-
-                strength = DEFAULT_STRENGTH if p.strength is None else p.strength
-                first_step(steps, strength)  # a strength that keeps no step fails here
-            meta.update(
-                quantize=self.pipe.quantize,
-                adaln_cache=self.pipe.adaln_cache,
-                lightning=self.lightning,
-                loras=self.loras,
-                image=p.image_names[0] if source is not None else None,
-                strength=strength,
-                mask="mask.png" if p.mask is not None else None,
-            )
-        pipe = self.pipe
-        request = memory.Request(
-            width=width,
-            height=height,
-            cfg=cfg > 1,
-            precision=pipe.precision if isinstance(pipe.precision, str) else None,
-            quant_bits=None if self.edit else pipe.quantize,
-            vae_tile=pipe.decode_tile_size or 128,
-            adaln_cache=False if self.edit else pipe.adaln_cache,
-            text_encoder_bits=None if self.edit else pipe.text_encoder_bits,
+            raise RequestError("give both width and height, or neither")
+        if self.edit and len(p.images) > (MAX_EDIT_IMAGES if self.plus else 1):
+            most = MAX_EDIT_IMAGES if self.plus else 1
+            raise RequestError(f"this model takes at most {most} image(s), got {len(p.images)}")
+        if self.edit and not p.images:
+            raise RequestError("this is an Edit model: give an image to edit")
+        seed = random_seed() if p.seed is None else p.seed
+        base = checks.check_seeds([seed], p.n)[0]
+        request = GenerationRequest(
+            prompt=p.prompt,
+            negative_prompt=DEFAULT_NEGATIVE if p.negative_prompt is None else p.negative_prompt,
+            width=p.width,
+            height=p.height,
+            steps=p.steps,
+            cfg=p.cfg,
+            seeds=tuple(base + i for i in range(p.n)),
+            images=tuple(p.images),
+            image_names=tuple(p.image_names),
+            mask=p.mask,
+            mask_name="mask.png" if p.mask is not None else None,
+            strength=p.strength,
         )
+        request = self.pipe.prepare(request)
+        if request.steps > self.max_steps:
+            raise RequestError(
+                f"the model's {request.steps} steps are above this server's limit "
+                f"({self.max_steps}); ask for fewer steps"
+            )
         try:
-            memory.check_source(pipe.source, request)
+            self.pipe.check_memory(request)
         except memory.MemoryLimitError as e:  # the CLI's advice, less its CLI-only flag
             advice = str(e).split("; or pass --ignore-memory-limit")[0]
             raise memory.MemoryLimitError(advice) from None
-        return Plan(p, width, height, steps, cfg, seeds, strength, meta)
+        return Plan(request, self.model)
 
     # -- on the worker thread
 
     def run(
         self, plan: Plan, cancel: CancelToken, on_step: Callable[[Step], None]
     ) -> Iterator[Result]:
-        """Generate every image of ``plan``, one seed after another, yielding each PNG;
-        ``on_step`` after every step. A cancelled run raises :class:`Cancelled` within one
-        step; a non-finite one ``NonFiniteError``."""
-        import numpy as np
+        """Generate every image of ``plan`` (``pipe.generate``: one seed after another),
+        yielding each PNG; ``on_step`` after every step. A cancelled run raises
+        :class:`Cancelled` within one step; a non-finite one ``NonFiniteError``."""
+        from qwen_mlx.png import png_bytes
+        from qwen_mlx.request import ImageResult
 
-        from qwen_mlx import __version__
-        from qwen_mlx.pipeline import to_pil
-
-        p, pipe = plan.params, self.pipe
-        for k, seed in enumerate(plan.seeds):
-            last = [time.perf_counter()]
-
-            def callback(step: int, total: int, _latents, k=k, last=last) -> None:
-                now = time.perf_counter()
-                on_step(Step(k, step, total, now - last[0]))
-                last[0] = now
-                if cancel.cancelled:
-                    raise Cancelled(f"{cancel.reason} at step {step}/{total}")
-
-            if cancel.cancelled:
-                raise Cancelled(cancel.reason)
-            common = dict(
-                negative_prompt=p.negative_prompt or DEFAULT_NEGATIVE,
-                num_inference_steps=plan.steps,
-                true_cfg_scale=plan.cfg,
-                seed=seed,
-                height=plan.height,
-                width=plan.width,
-                callback=callback,
-                output_type="latent",
-            )
-            if self.edit:
-                images = list(p.images) if self.plus else p.images[0]
-                latents = pipe(images, p.prompt, **common)
-            else:
-                latents = pipe(
-                    p.prompt,
-                    image=p.images[0] if p.images else None,
-                    strength=plan.strength if plan.strength is not None else DEFAULT_STRENGTH,
-                    mask_image=p.mask,
-                    **common,
-                )
-            if cancel.cancelled:
-                raise Cancelled(cancel.reason)
-            image = to_pil(np.array(pipe.decode(latents, plan.height, plan.width)))[0]
-            meta = dict(plan.metadata, seed=seed, width=plan.width, height=plan.height)
-            meta.update(precision=pipe.precision_name, version=__version__)
-            yield Result(seed, png_bytes(image, meta), meta)
+        seeds = plan.seeds
+        step, total = 0, plan.steps
+        try:
+            for event in self.pipe.generate(plan.request, cancel=cancel):
+                if isinstance(event, ImageResult):
+                    yield Result(event.seed, png_bytes(event.image, event.metadata), event.metadata)
+                else:
+                    step, total = event.index, event.total
+                    on_step(Step(seeds.index(event.seed), step, total, event.seconds))
+        except Cancelled:
+            raise Cancelled(f"{cancel.reason} at step {step}/{total}") from None
 
     def warm_up(self) -> None:
-        """Load every component (a 1-step run at the smallest size), so the first request
-        does not pay for it."""
-        plan = self.check(
-            dataclasses.replace(
-                Params("warm-up", steps=1, seed=0),
-                width=None if self.edit else self.multiple,
-                height=None if self.edit else self.multiple,
-            )
-        )
+        """Load every weight (a 1-step run at the smallest size), so the first request does not
+        pay for it. An Edit model needs an image: it loads on its first request."""
         if self.edit:
-            return  # an Edit model needs an image: its components load on the first request
+            return
+        size = self.multiple
+        plan = self.check(Params("warm-up", width=size, height=size, steps=1, seed=0))
         for _ in self.run(plan, CancelToken(), lambda s: None):
             pass
 
@@ -321,10 +257,10 @@ class Engine:
         return {
             "model": self.model,
             "kind": "edit" if self.edit else "text-to-image",
-            "flavour": getattr(self.pipe, "flavour", "qwen-image") if self.edit else "qwen-image",
-            "max_input_images": (3 if self.plus else 1) if self.edit else 1,
+            "flavour": self.pipe.flavour if self.edit else "qwen-image",
+            "max_input_images": (MAX_EDIT_IMAGES if self.plus else 1) if self.edit else 1,
             "precision": self.pipe.precision_name,
-            "lightning": self.lightning,
+            "lightning": self.pipe.lightning,
             "size_multiple": self.multiple,
             "default_steps": self.default_steps,
             "default_cfg": self.default_cfg,
@@ -336,18 +272,6 @@ class Engine:
 
 def aspects() -> dict[str, tuple[int, int]]:
     """The official presets, as `generate --aspect` knows them."""
-    from qwen_mlx.cli import ASPECTS
+    from qwen_mlx.cli.common import ASPECTS
 
     return ASPECTS
-
-
-def png_bytes(image, metadata: dict) -> bytes:
-    """The PNG as ``qwen-mlx generate`` writes it (A1111 ``parameters`` text + JSON chunk)."""
-    import tempfile
-    from pathlib import Path
-
-    from qwen_mlx.cli import save_png
-
-    with tempfile.TemporaryDirectory(prefix="qwen-mlx-png-") as tmp:
-        path, _ = save_png(image, Path(tmp) / "image.png", metadata)
-        return path.read_bytes()
