@@ -1,9 +1,10 @@
-"""The server's one seam to the pipeline: validate a request, run it step by step, cancel it.
+"""The server's one seam to the pipeline: check a request, run it step by step, cancel it.
 
-Everything the HTTP layer needs from qwen-mlx goes through :class:`Engine`, so the APIs and the
-job queue never touch MLX directly. ``Engine.check`` runs on the request's thread (no MLX: the
-request checks and the memory estimate read headers only); ``Engine.run`` runs on the one worker
-thread that owns MLX and the resident pipeline.
+Everything the HTTP layer needs from qwen-mlx goes through :class:`Engine`, built on the core
+API (``GenerationRequest``, ``pipe.prepare``, ``pipe.check_memory``, ``pipe.generate`` with a
+``CancelToken``). ``Engine.check`` runs on the request's thread: ``prepare`` and the memory
+estimate read configs and safetensors headers and evaluate nothing. ``Engine.run`` runs on the
+one worker thread that built the pipeline and owns MLX (MLX streams are per thread).
 """
 
 from __future__ import annotations
