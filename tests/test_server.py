@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import re
 import threading
 import time
 
@@ -138,6 +139,7 @@ def test_a1111_txt2img_and_img2img(server, client):
     with server.client() as c:
         res = c.post("/sdapi/v1/txt2img", json=body)
         assert res.status_code == 200, res.text
+        assert re.fullmatch(r"queue;dur=[\d.]+, generate;dur=[\d.]+", res.headers["Server-Timing"])
         out = res.json()
         info = __import__("json").loads(out["info"])
         assert (info["seed"], info["all_seeds"]) == (11, [11, 12])

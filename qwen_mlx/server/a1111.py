@@ -10,12 +10,21 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwen_mlx import __version__
 
-from .common import ApiError, as_mask, b64, decode_base64, read_image, run_job, worker_of
+from .common import (
+    ApiError,
+    as_mask,
+    b64,
+    decode_base64,
+    read_image,
+    run_job,
+    server_timing,
+    worker_of,
+)
 from .engine import Params
 from .jobs import Job
 
@@ -112,13 +121,14 @@ def _infotext(png: bytes) -> str:
 
 
 @router.post("/txt2img", response_model=ImagesAnswer)
-async def txt2img(body: Txt2ImgBody, request: Request):
+async def txt2img(body: Txt2ImgBody, request: Request, response: Response):
     job = await run_job(request, params_of(body))
+    server_timing(response, job)
     return answer(body, job)
 
 
 @router.post("/img2img", response_model=ImagesAnswer)
-async def img2img(body: Img2ImgBody, request: Request):
+async def img2img(body: Img2ImgBody, request: Request, response: Response):
     """img2img / inpaint on a text-to-image checkpoint; Edit on an Edit one (the init images
     are its inputs)."""
     limit = worker_of(request).engine.max_image_pixels
@@ -137,6 +147,7 @@ async def img2img(body: Img2ImgBody, request: Request):
 
             mask = ImageOps.invert(mask.convert("L"))
     job = await run_job(request, params_of(body, images, names, mask, body.denoising_strength))
+    server_timing(response, job)
     return answer(body, job)
 
 

@@ -181,5 +181,12 @@ async def run_job(request: Request, params: Params) -> Job:
     return job
 
 
+def server_timing(response, job: Job) -> None:
+    """``Server-Timing``: the job's wait in the queue and its run (generate + PNG), in ms."""
+    wait = (job.started - job.created) * 1000
+    run = (job.finished - job.started) * 1000
+    response.headers["Server-Timing"] = f"queue;dur={wait:.1f}, generate;dur={run:.1f}"
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")

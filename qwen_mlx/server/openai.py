@@ -5,10 +5,19 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import ApiError, as_mask, b64, parse_size, read_image, run_job, worker_of
+from .common import (
+    ApiError,
+    as_mask,
+    b64,
+    parse_size,
+    read_image,
+    run_job,
+    server_timing,
+    worker_of,
+)
 from .engine import Params
 from .jobs import Job
 
@@ -60,7 +69,7 @@ def images_response(request: Request, job: Job, response_format: str | None) -> 
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def generations(body: GenerationBody, request: Request):
+async def generations(body: GenerationBody, request: Request, response: Response):
     """Text to image."""
     check_model(request, body.model)
     width, height = parse_size(body.size)
@@ -75,12 +84,14 @@ async def generations(body: GenerationBody, request: Request):
         n=body.n,
     )
     job = await run_job(request, params)
+    server_timing(response, job)
     return images_response(request, job, body.response_format)
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
 async def edits(
     request: Request,
+    response: Response,
     prompt: Annotated[str, Form()],
     image: Annotated[list[UploadFile] | None, File(description="Image(s) to edit")] = None,
     images: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
@@ -123,6 +134,7 @@ async def edits(
         strength=strength,
     )
     job = await run_job(request, params)
+    server_timing(response, job)
     return images_response(request, job, response_format)
 
 
