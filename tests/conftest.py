@@ -42,11 +42,6 @@ def fullsize_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_qwen_image):
-    return tiny_qwen_image[1]
-
-
-@pytest.fixture(scope="session")
 def tiny_server(tiny_qwen_image, tmp_path_factory):
     """`qwen-mlx serve` on the tiny model, on a free loopback port (tests/server_helpers.py):
     queue 4, at most 1000 steps, 1 MiB bodies, and a 100 MiB memory limit (64x64 fits, 256x256

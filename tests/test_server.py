@@ -37,8 +37,8 @@ SMALL = {"size": "32x32", "extra_body": {"steps": 2}}
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
+def model(tiny_qwen_image):
+    return tiny_qwen_image[1]
 
 
 @pytest.fixture(scope="module")

