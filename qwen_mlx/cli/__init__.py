@@ -1,5 +1,6 @@
 """The ``qwen-mlx`` command line: one module per command (``convert``, ``generate`` and
-``edit``, ``info``, ``control``, ``serve``), the options and error handling they share in ``common``."""
+``edit``, ``info``, ``control``, ``serve``), the options and error handling they share in
+``common``."""
 
 from __future__ import annotations
 
