@@ -216,9 +216,10 @@ class Engine:
             )
         try:
             self.pipe.check_memory(request)
-        except memory.MemoryLimitError as e:  # the CLI's advice, less its CLI-only flag
-            advice = str(e).split("; or pass --ignore-memory-limit")[0]
-            raise memory.MemoryLimitError(advice) from None
+        except memory.MemoryLimitError as e:  # the advice, less the CLI-only flag
+            check = getattr(e, "check", None)
+            advice = check.summary() if check is not None else str(e)
+            raise memory.MemoryLimitError(advice, check) from None
         return Plan(request, self.model)
 
     # -- on the worker thread
