@@ -212,6 +212,7 @@ def test_bad_input_is_a_one_line_4xx(server, path, body, status, message):
     assert res.status_code == status, res.text
     text = shaped_message(path, res.json())
     assert message in text and "\n" not in text and "Traceback" not in text
+    assert "--ignore-memory-limit" not in text  # a CLI flag, not the server's
     assert server.health()["queue"] == 0
 
 
