@@ -39,3 +39,20 @@ def fullsize_checkpoint(tmp_path_factory):
     from fullsize import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("fullsize") / "Qwen-Image", holes=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_qwen_image, tmp_path_factory):
+    """`qwen-mlx serve` on the tiny model, on a free loopback port (tests/server_helpers.py):
+    queue 4, at most 1000 steps, 1 MiB bodies, and a 100 MiB memory limit (64x64 fits, 256x256
+    does not). Shared by the server tests; stopped (SIGTERM, exit 0) at the end."""
+    from server_helpers import Server
+
+    srv = Server(
+        tiny_qwen_image[1],
+        "--max-queue", "4", "--max-steps", "1000", "--max-body-mb", "1",
+        cwd=tmp_path_factory.mktemp("serve"),
+        env={"QWEN_MLX_MEMORY_LIMIT": "100MiB"},
+    )  # fmt: skip
+    yield srv
+    assert srv.stop() == 0, srv.output()
