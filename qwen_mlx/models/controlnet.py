@@ -28,7 +28,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from qwen_mlx.config import ComponentConfig
 from qwen_mlx.dtypes import is_float
@@ -40,6 +39,7 @@ from qwen_mlx.models.transformer import (
     TransformerBlock,
     TransformerConfig,
     _normalize_shapes,
+    apply_precision_plan,
     rope_tables,
 )
 from qwen_mlx.precision import PrecisionPlan, fold_weight, plan_dtype, resolve_plan, run_linear
@@ -272,38 +272,7 @@ class QwenImageControlNet(nn.Module):
 
     def apply_plan(self, plan: PrecisionPlan) -> None:
         """As ``QwenImageTransformer.apply_plan``, with the residual projections' rule."""
-        if len(plan.layers) != self.config.num_layers:
-            raise ValueError(f"plan has {len(plan.layers)} layers, model {self.config.num_layers}")
-        refold = not self.plan.same_folds(plan)
-        if refold and self.plan.folded:
-            raise ValueError(
-                f"the weights are folded for the {self.plan.name!r} precision plan; load them "
-                f"with that plan or convert the original ControlNet again for {plan.name!r}"
-            )
-        params = [(k, v) for k, v in tree_flatten(self.parameters()) if is_float(v)]
-        if refold and any(k.endswith(".scales") for k, _ in params):
-            raise ValueError(
-                "quantized weights cannot be folded for another precision plan; convert the "
-                f"ControlNet with --precision {plan.name} and --quantize together"
-            )
-        changed = []
-        for k, v in params:
-            new = controlnet_weight(k, v, plan, refold)
-            if new is not v:
-                changed.append((k, new))
-        if changed:
-            self.update(tree_unflatten(changed))
-        for block, layer in zip(self.blocks, plan.layers, strict=True):
-            for norm in (
-                block.attn.norm_q,
-                block.attn.norm_k,
-                block.attn.norm_added_q,
-                block.attn.norm_added_k,
-            ):
-                norm.eps = layer.qk_norm_eps
-            block.img_mlp.in_scale = block.txt_mlp.in_scale = layer.ffn_in_scale
-        self.plan = plan
-        self.compiled = CompiledBlocks(self.compiled.enabled)
+        apply_precision_plan(self, plan, controlnet_weight, "ControlNet")
 
     # -- modulation (sigma-only)
 

@@ -543,43 +543,7 @@ class QwenImageTransformer(nn.Module):
         folded constants is folded here (in float32, before the cast); one folded for another
         plan is refused, since unfolding float16 weights would not give the original ones.
         """
-        if len(plan.layers) != self.config.num_layers:
-            raise ValueError(f"plan has {len(plan.layers)} layers, model {self.config.num_layers}")
-        refold = not self.plan.same_folds(plan)
-        if refold and self.plan.folded:
-            raise ValueError(
-                f"the weights are folded for the {self.plan.name!r} precision plan "
-                f"({self.plan.variant or 'unknown variant'}) and only run with its constants; "
-                f"load them with plan={self.plan.name!r} (or no plan), or convert the original "
-                f"checkpoint again for {plan.name!r}"
-            )
-        # Only floating arrays are folded and cast: packed quantized weights pass through (their
-        # scales and biases are floating and follow the plan, which sets the compute dtype).
-        params = [(k, v) for k, v in tree_flatten(self.parameters()) if is_float(v)]
-        if refold and any(k.endswith(".scales") for k, _ in params):
-            raise ValueError(
-                "quantized weights cannot be folded for another precision plan; quantize the "
-                f"checkpoint under {plan.name!r} instead (convert with --precision "
-                f"{plan.name} and --quantize together)"
-            )
-        changed = []
-        for k, v in params:
-            new = planned_weight(k, v, plan, refold)
-            if new is not v:
-                changed.append((k, new))
-        if changed:
-            self.update(tree_unflatten(changed))
-        for block, layer in zip(self.blocks, plan.layers, strict=True):
-            for norm in (
-                block.attn.norm_q,
-                block.attn.norm_k,
-                block.attn.norm_added_q,
-                block.attn.norm_added_k,
-            ):
-                norm.eps = layer.qk_norm_eps
-            block.img_mlp.in_scale = block.txt_mlp.in_scale = layer.ffn_in_scale
-        self.plan = plan
-        self.compiled = CompiledBlocks(self.compiled.enabled)  # constants changed: retrace
+        apply_precision_plan(self, plan, planned_weight, "checkpoint")
 
     def shard(self, group: mx.distributed.Group) -> QwenImageTransformer:
         """Tensor parallelism over ``group`` (in place; see ``qwen_mlx.distributed``)."""
@@ -719,6 +683,50 @@ class QwenImageTransformer(nn.Module):
 
         img = run_blocks(img, txt)[0] if blocks_hook is None else blocks_hook(img, txt, run_blocks)
         return run_linear(self.proj_out, self.norm_out(img, modulation.out)).astype(F32)
+
+
+def apply_precision_plan(model, plan: PrecisionPlan, weight: Callable, what: str) -> None:
+    """``model.apply_plan(plan)`` for a model of blocks (the transformer, the ControlNet):
+    every float weight through ``weight(name, w, plan, fold)`` (folded and cast), the plan's
+    constants set on each block, the compiled blocks retraced. ``what`` names the original
+    files in the refusals ("checkpoint", "ControlNet")."""
+    if len(plan.layers) != model.config.num_layers:
+        raise ValueError(f"plan has {len(plan.layers)} layers, model {model.config.num_layers}")
+    refold = not model.plan.same_folds(plan)
+    if refold and model.plan.folded:
+        raise ValueError(
+            f"the weights are folded for the {model.plan.name!r} precision plan "
+            f"({model.plan.variant or 'unknown variant'}) and only run with its constants; "
+            f"load them with plan={model.plan.name!r} (or no plan), or convert the original "
+            f"{what} again for {plan.name!r}"
+        )
+    # Only floating arrays are folded and cast: packed quantized weights pass through (their
+    # scales and biases are floating and follow the plan, which sets the compute dtype).
+    params = [(k, v) for k, v in tree_flatten(model.parameters()) if is_float(v)]
+    if refold and any(k.endswith(".scales") for k, _ in params):
+        raise ValueError(
+            f"quantized weights cannot be folded for another precision plan; quantize the "
+            f"{what} under {plan.name!r} instead (convert with --precision {plan.name} and "
+            "--quantize together)"
+        )
+    changed = []
+    for k, v in params:
+        new = weight(k, v, plan, refold)
+        if new is not v:
+            changed.append((k, new))
+    if changed:
+        model.update(tree_unflatten(changed))
+    for block, layer in zip(model.blocks, plan.layers, strict=True):
+        for norm in (
+            block.attn.norm_q,
+            block.attn.norm_k,
+            block.attn.norm_added_q,
+            block.attn.norm_added_k,
+        ):
+            norm.eps = layer.qk_norm_eps
+        block.img_mlp.in_scale = block.txt_mlp.in_scale = layer.ffn_in_scale
+    model.plan = plan
+    model.compiled = CompiledBlocks(model.compiled.enabled)  # constants changed: retrace
 
 
 def planned_weight(name: str, w: mx.array, plan: PrecisionPlan, fold: bool) -> mx.array:
