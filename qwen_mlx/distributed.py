@@ -222,11 +222,12 @@ class World:
 
     # -- collectives
 
-    def run(self, arrays, what: str):
-        """Evaluate ``arrays`` (which hold collectives) under the watchdog; a lost peer becomes
-        a DistributedError."""
+    def run(self, arrays, what: str, seconds: float | None = None):
+        """Evaluate ``arrays`` (which hold collectives) under the watchdog (``seconds``: its
+        limit, default ``QWEN_MLX_DIST_TIMEOUT``; ``math.inf``: wait for ever); a lost peer
+        becomes a DistributedError."""
         try:
-            with self.watchdog.guard(what):
+            with self.watchdog.guard(what, seconds):
                 mx.eval(arrays)
         except RuntimeError as e:
             if peer_lost(e):
@@ -262,10 +263,12 @@ class World:
         local = x if self.is_main else mx.zeros(shape, dtype=dtype)
         return self.all_sum(local, what)
 
-    def all_max(self, x: mx.array, what: str = "exchanging results") -> mx.array:
+    def all_max(
+        self, x: mx.array, what: str = "exchanging results", seconds: float | None = None
+    ) -> mx.array:
         if not self.distributed:
             return x
-        return self.run(mx.distributed.all_max(x, group=self.group), what)
+        return self.run(mx.distributed.all_max(x, group=self.group), what, seconds)
 
     def gather_images(
         self, image: np.ndarray | None, shape: tuple[int, ...], what: str = "gathering images"
@@ -283,12 +286,15 @@ class World:
         rows = np.array(self.all_gather(mx.array(buf), what))
         return [row[1:].reshape(shape) if row[0] else None for row in rows]
 
-    def broadcast_json(self, value, what: str = "sharing the request"):
-        """Rank 0's JSON-able ``value`` on every rank (e.g. seeds rank 0 drew at random)."""
+    def broadcast_json(self, value, what: str = "sharing the request", seconds=None):
+        """Rank 0's JSON-able ``value`` on every rank (e.g. seeds rank 0 drew at random).
+        ``seconds``: how long the others may wait for rank 0 (``math.inf``: a server's
+        followers waiting for the next job)."""
         if not self.distributed:
             return value
         data = json.dumps(value).encode() if self.is_main else b""
-        n = int(np.array(self.all_max(mx.array([len(data)], dtype=mx.int32), what))[0])
+        size = mx.array([len(data)], dtype=mx.int32)
+        n = int(np.array(self.all_max(size, what, seconds))[0])
         buf = np.zeros((1, max(n, 1)), dtype=np.uint8)
         buf[0, : len(data)] = np.frombuffer(data, dtype=np.uint8)
         row = np.array(self.all_gather(mx.array(buf), what))[0]
@@ -345,7 +351,9 @@ class World:
         for rank, row in enumerate(rows):
             if row[0]:
                 text = bytes(row[1:]).rstrip(b"\0").decode("utf-8", "replace")
-                raise DistributedError(f"rank {rank} failed while {what}: {text}")
+                error = DistributedError(f"rank {rank} failed while {what}: {text}")
+                error.in_step = True  # every rank raises it together
+                raise error
 
     @contextmanager
     def agree(self, what: str) -> Iterator[None]:
@@ -359,6 +367,38 @@ class World:
             self.check(e, what)
             raise
         self.check(None, what)
+
+
+def in_step(error: BaseException) -> bool:
+    """True when every rank raised ``error`` at the same point (a checkpoint, a shared cancel):
+    the group is still in step and can run its next job (a server goes on)."""
+    return bool(getattr(error, "in_step", False) or getattr(error, "reported_to_peers", False))
+
+
+class SharedCancel:
+    """Rank 0's cancel token as every rank sees it: ``check()`` (before every step and every
+    decode, the same number of times on every rank) is one ``all_max`` of rank 0's flag, so
+    every rank raises ``Cancelled`` at the same step and the group stays in step."""
+
+    def __init__(self, world: World, local=None) -> None:
+        self.world, self.local = world, local
+
+    @property
+    def cancelled(self) -> bool:
+        return self.local is not None and self.local.cancelled
+
+    def cancel(self, *args) -> None:
+        if self.local is not None:
+            self.local.cancel(*args)
+
+    def check(self) -> None:
+        from qwen_mlx.errors import Cancelled
+
+        flag = mx.array([int(self.world.is_main and self.cancelled)], dtype=mx.int32)
+        if int(np.array(self.world.all_max(flag, "checking for a cancel"))[0]):
+            error = Cancelled(getattr(self.local, "reason", "cancelled"))
+            error.in_step = True
+            raise error
 
 
 def error_line(e: BaseException) -> str | None:
@@ -413,13 +453,21 @@ _DTYPES = [
 
 
 def choose_mode(
-    mode: str, size: int, *, fits: bool, true_cfg: bool, seeds: int, config: dict
+    mode: str,
+    size: int,
+    *,
+    fits: bool,
+    true_cfg: bool,
+    seeds: int,
+    config: dict,
+    serving: bool = False,
 ) -> str | None:
     """The parallel mode a job of ``size`` processes runs (None: one process, nothing to
     split), or a one-line ValueError saying why ``mode`` cannot.
 
     auto: tensor when one process's memory plan does not fit; else cfg under true CFG (an even
-    number of processes); else seeds when there are several; else refuse.
+    number of processes); else seeds when there are several; else refuse (``serving``: seeds,
+    rank 0 making the one image while the others keep step: a server takes every request).
     """
     check_parallel(mode)
     if size == 1:
@@ -429,7 +477,7 @@ def choose_mode(
             mode = "tensor"
         elif true_cfg and size % 2 == 0:
             mode = "cfg"
-        elif seeds > 1:
+        elif seeds > 1 or serving:
             mode = "seeds"
         else:
             raise ValueError(
@@ -444,7 +492,7 @@ def choose_mode(
                 "negative prompt"
             )
         CfgSplit(0, size)  # an even process count
-    elif mode == "seeds" and seeds < 2:
+    elif mode == "seeds" and seeds < 2 and not serving:
         raise ValueError("--parallel seeds needs at least two seeds (repeat --seed)")
     elif mode == "tensor":
         check_tensor_parallel(config, size)
@@ -884,6 +932,7 @@ def run_generate(pipe, request, cancel=None):
             true_cfg=req.cfg_on,
             seeds=len(req.seeds),
             config=pipe.transformer_config(),
+            serving=pipe.serving,
         )
     components = pipe.components
     want = world if mode == "tensor" else None
@@ -909,9 +958,10 @@ def generate(pipe, request, cancel, world: World, mode: str):
     order (``run_generate`` passes rank 0's events on).
 
     seeds: rank r samples seeds r, r + N, ...; cfg: pair p = r // 2 samples seeds p, p + N/2,
-    ... (a pair left without a seed in the last round samples a filler, to keep every step's
-    all_gather in step, and drops it); after each round the images meet on every rank (one
-    all_gather) and rank 0 yields them.
+    ... A rank (or pair) left without a seed in the last round samples a filler and drops it:
+    it would only have waited for the others, and so every rank runs the same steps (cfg's
+    all_gather and a ``SharedCancel``'s check stay in step). After each round the images meet
+    on every rank (one all_gather) and rank 0 yields them.
     """
     from PIL import Image
 
@@ -928,7 +978,7 @@ def generate(pipe, request, cancel, world: World, mode: str):
     )
     mine = seeds[unit::workers]
     rounds = -(-len(seeds) // workers)
-    filler = mode == "cfg" and len(mine) < rounds
+    filler = len(mine) < rounds
     if filler:
         mine.append(seeds[-1])
     owner = mode == "seeds" or world.rank % 2 == 0  # whose images rank 0 keeps

@@ -178,6 +178,66 @@ class GenerationRequest:
             }
         return meta
 
+    def to_wire(self) -> dict:
+        """The request as JSON-safe data (images and masks as PNG, base64), for another
+        process: ``from_wire`` rebuilds an equal request. Paths travel as paths."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _IMAGE_FIELDS:
+                value = [_image_to_wire(v) for v in value]
+            elif f.name in _IMAGE_FIELD:
+                value = None if value is None else _image_to_wire(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Mapping) -> GenerationRequest:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError(f"unknown request fields {unknown}")
+        values = {}
+        for key, value in data.items():
+            if key in _IMAGE_FIELDS:
+                value = tuple(_image_from_wire(v) for v in value)
+            elif key in _IMAGE_FIELD:
+                value = None if value is None else _image_from_wire(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[key] = value
+        return cls(**values)
+
+
+_IMAGE_FIELDS = ("images", "control_images")
+_IMAGE_FIELD = ("mask", "control_mask")
+
+
+def _image_to_wire(item) -> dict:
+    if isinstance(item, (str, Path)) or hasattr(item, "__fspath__"):
+        return {"path": str(item)}
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    item.save(buf, format="PNG")  # lossless for every mode a request holds
+    return {"png": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+
+def _image_from_wire(item: Mapping):
+    if "path" in item:
+        return item["path"]
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(item["png"]))) as im:
+        im.load()
+        return im.copy()
+
 
 @dataclass
 class ImageResult:

@@ -32,6 +32,26 @@ def tiny_qwen_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_4head_ckpt(tmp_path_factory):
+    """The tiny Qwen-Image checkpoint (converted, float32) with a 4-head transformer: 2 and 4
+    processes divide its heads (tensor parallel). Shared by the distributed tests."""
+    import shutil
+
+    from helpers import convert_tiny
+    from tiny_pipeline import TEXT_HIDDEN, build_checkpoint
+    from tiny_transformer import build_transformer
+
+    root = tmp_path_factory.mktemp("dist-pipe")
+    src, _ = build_checkpoint(root / "src")
+    shutil.rmtree(src / "transformer")
+    model = build_transformer(
+        "diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN, num_attention_heads=4
+    )
+    model.save_pretrained(src / "transformer", max_shard_size="20KB")
+    return convert_tiny(src, root / "f32")
+
+
+@pytest.fixture(scope="session")
 def fullsize_checkpoint(tmp_path_factory):
     """The released Qwen-Image checkpoint's layout at full size, header-only: every shard is its
     safetensors header followed by a hole (no disk used). For what reads headers only (memory

@@ -232,33 +232,16 @@ def test_world_of_one_does_the_local_thing():
 # -- the pipeline: QwenImagePipeline.from_pretrained(..., parallel=MODE).generate
 
 
-@pytest.fixture(scope="module")
-def pipe_ckpt(tmp_path_factory):
-    """The tiny pipeline checkpoint with a 4-head transformer (N = 2 divides the heads)."""
-    import shutil
-
-    from tiny_pipeline import TEXT_HIDDEN, build_checkpoint
-
-    root = tmp_path_factory.mktemp("dist-pipe")
-    src, _ = build_checkpoint(root / "src")
-    shutil.rmtree(src / "transformer")
-    model = build_transformer(
-        "diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN, num_attention_heads=4
-    )
-    model.save_pretrained(src / "transformer", max_shard_size="20KB")
-    return convert_tiny(src, root / "f32")
-
-
-def test_pipeline_modes_match_one_process(pipe_ckpt, tmp_path):
+def test_pipeline_modes_match_one_process(tiny_4head_ckpt, tmp_path):
     """Three seeds, true CFG (a padded negative prompt), 2 steps at 32x32, float32: one
     process, then one 2-process job running seeds, cfg and tensor in turn. Seeds and cfg give
     the very latents and images of one process; tensor the latents within 1e-5 relative
     (measured 1.4e-6 to 1.6e-6) and the same 8-bit images. Rank 0 yields every image."""
     seeds = "1,2,3"
-    one = job(1, "pipe", str(pipe_ckpt), str(tmp_path / "1"), "--seeds", seeds, timeout=300)
+    one = job(1, "pipe", str(tiny_4head_ckpt), str(tmp_path / "1"), "--seeds", seeds, timeout=300)
     assert one.returncodes == [0], one.stderr
     args = ("--seeds", seeds, "--parallel", "seeds,cfg,tensor")
-    two = job(2, "pipe", str(pipe_ckpt), str(tmp_path / "2"), *args, timeout=300)
+    two = job(2, "pipe", str(tiny_4head_ckpt), str(tmp_path / "2"), *args, timeout=300)
     assert two.returncodes == [0, 0], two.stderr
     ref = tmp_path / "1" / "None"
     own = {"seeds": (1, 3), "cfg": (1, 2, 3), "tensor": (1, 2, 3)}  # rank 0's own samples
@@ -292,7 +275,7 @@ def _launch_port() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def test_cli_under_mlx_launch(pipe_ckpt, tmp_path):
+def test_cli_under_mlx_launch(tiny_4head_ckpt, tmp_path):
     """The real launcher and the real command: ``mlx.launch --backend ring -n 2 -- qwen-mlx
     generate --parallel seeds``. Rank 0 alone prints and writes both PNGs (each with its own
     seed in its metadata); the launcher exits 0."""
@@ -304,7 +287,7 @@ def test_cli_under_mlx_launch(pipe_ckpt, tmp_path):
     cmd = [
         str(bindir / "mlx.launch"), "--backend", "ring", "-n", "2",
         "--starting-port", str(_launch_port()), "--",
-        str(bindir / "qwen-mlx"), "generate", "--model", str(pipe_ckpt), "-p", "a red fox",
+        str(bindir / "qwen-mlx"), "generate", "--model", str(tiny_4head_ckpt), "-p", "a red fox",
         "--width", "32", "--height", "32", "--steps", "1", "--seed", "5", "--seed", "6",
         "-o", str(tmp_path / "fox.png"), "--parallel", "seeds",
     ]  # fmt: skip

@@ -12,6 +12,7 @@ from qwen_mlx.cli.common import (
     LightningOpt,
     LoraOpt,
     ModelOpt,
+    ParallelOpt,
     PrecisionOpt,
     QuantizeOpt,
     QuantizeTextOpt,
@@ -51,9 +52,11 @@ def serve(
     adaln_cache: AdalnOpt = True,
     lora: LoraOpt = None,
     lightning: LightningOpt = None,
+    parallel: ParallelOpt = "auto",
 ) -> None:
     """Serve a model (text-to-image or Edit) over the OpenAI Images and AUTOMATIC1111 APIs,
-    with a web page at /; SIGTERM or Ctrl-C cancels every job and exits 0."""
+    with a web page at /; SIGTERM or Ctrl-C cancels every job and exits 0. Under mlx.launch
+    rank 0 serves and the other processes follow its jobs (docs/distributed.md)."""
     with user_errors():
         try:
             from qwen_mlx.server.command import ServeError, check_options
@@ -72,6 +75,9 @@ def serve(
             from qwen_mlx.quantize import check_bits
 
             check_bits(quantize)
+        from qwen_mlx.distributed import check_parallel
+
+        check_parallel(parallel)
         loras = [parse_lora(spec) for spec in lora or []]  # each file checked
         code = run_server(
             model,
@@ -88,5 +94,6 @@ def serve(
             adaln_cache=adaln_cache,
             loras=loras,
             lightning=lightning,
+            parallel=parallel,
         )
     raise typer.Exit(code)

@@ -225,6 +225,7 @@ class QwenImagePipeline:
         return None
 
     cfg_split = None  # set by qwen_mlx.distributed under --parallel cfg (the Denoiser's hook)
+    serving = False  # set by the server: under mlx.launch, --parallel auto takes every request
     default_strength: float | None = 0.6  # img2img / inpaint (None: the pipeline takes none)
 
     @property

@@ -65,22 +65,41 @@ def serve(
             f"the server needs its extra ({e.name} is missing): pip install 'qwen-mlx[server]'"
         ) from None
 
+    from qwen_mlx.distributed import World, launched
+
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     check_options(host, port, api_key, max_queue)
+    # under mlx.launch: rank 0 serves, the others follow its jobs (one group, joined here)
+    world = World.init() if launched() else World(None)
+    if not world.distributed:
+        load.pop("parallel", None)
+    limits = dict(max_steps=max_steps, max_images=max_images, max_image_pixels=max_image_pixels)
+
+    def load_engine() -> Engine:
+        with world.agree("loading the model"):
+            return Engine.load(model, **limits, **load)
+
+    if not world.is_main:
+        # Ctrl-C in mlx.launch's terminal reaches every rank: rank 0 stops the group in step
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        load_engine().follow()  # rank 0's jobs (its warm-up first) until it stops
+        return 0
 
     def factory() -> Engine:
-        engine = Engine.load(
-            model,
-            max_steps=max_steps,
-            max_images=max_images,
-            max_image_pixels=max_image_pixels,
-            **load,
-        )
+        engine = load_engine()
         if warm_up:
             engine.warm_up()
         return engine
 
-    worker = Worker(factory, max_queue).start()
+    stopping: list[str] = []
+    running: list = []
+
+    def on_fatal(reason: str) -> None:  # on the worker thread: end the HTTP server
+        stopping.append(reason)
+        for server in running:
+            server.should_exit = True
+
+    worker = Worker(factory, max_queue, on_fatal).start()
     log(f"loading {model} ...")
     worker.ready.wait()
     if worker.engine is None:
@@ -95,15 +114,22 @@ def serve(
         access_log=False,
     )
     server = _server_class()(config, worker)
-    kind = worker.engine.describe()["kind"]
+    running.append(server)
+    server.should_exit = bool(stopping)
+    info = worker.engine.describe()
+    group = ""
+    if world.distributed:
+        group = f", {info['processes']} processes, --parallel {info['parallel']}"
     log(
-        f"serving {model} ({kind}) on http://{host}:{port}  (web page /, OpenAI /v1, "
-        f"AUTOMATIC1111 /sdapi/v1; queue {max_queue}{', API key required' if api_key else ''})"
+        f"serving {model} ({info['kind']}{group}) on http://{host}:{port}  (web page /, OpenAI "
+        f"/v1, AUTOMATIC1111 /sdapi/v1; queue {max_queue}{', API key required' if api_key else ''})"
     )
     try:
         server.run()
     finally:
         worker.close()
+    if stopping or worker.fatal:
+        raise ServeError(f"stopped: {stopping[0] if stopping else worker.fatal}")
     log("stopped")
     return 0
 

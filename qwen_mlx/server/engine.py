@@ -124,6 +124,9 @@ class Engine:
         self.max_steps = max_steps or checks.MAX_STEPS
         self.max_image_pixels = max_image_pixels
         self.multiple = pipe.vae_scale * 2  # VAE scale x 2x2 patches
+        world = getattr(pipe, "world", None)
+        self.world = world if world is not None and world.distributed else None
+        pipe.serving = True  # under mlx.launch, --parallel auto takes every request
 
     @classmethod
     def load(
@@ -136,10 +139,12 @@ class Engine:
         adaln_cache: bool = True,
         loras: list[tuple[str, float]] = (),
         lightning: int | None = None,
+        parallel: str | None = None,
         **limits,
     ) -> Engine:
         """Open ``model`` (text-to-image or Edit, as its model_index says) with generate's load
-        options; weights load on the first request (or :meth:`warm_up`)."""
+        options; weights load on the first request (or :meth:`warm_up`). ``parallel``: under
+        ``mlx.launch``, how the processes split each job (rank 0 serves, see :meth:`follow`)."""
         from qwen_mlx.loading import resolve
         from qwen_mlx.pipelines.edit import EDIT_CLASSES, QwenImageEditPipeline
         from qwen_mlx.pipelines.txt2img import QwenImagePipeline
@@ -156,6 +161,7 @@ class Engine:
             quantize_text_encoder=text_encoder_bits(quantize_text_encoder, quantize) or "none",
             adaln_cache=adaln_cache,
             lightning=lightning,
+            parallel=parallel,
         )
         pipe.check_components()
         for path, scale in loras:
@@ -215,7 +221,10 @@ class Engine:
                 f"({self.max_steps}); ask for fewer steps"
             )
         try:
-            self.pipe.check_memory(request)
+            # several processes: tensor (or auto, which picks it when this fails) splits the
+            # transformer, so one process's plan does not apply
+            if not (self.world is not None and self.pipe.parallel in ("auto", "tensor")):
+                self.pipe.check_memory(request)
         except memory.MemoryLimitError as e:  # the advice, less the CLI-only flag
             check = getattr(e, "check", None)
             advice = check.summary() if check is not None else str(e)
@@ -235,15 +244,69 @@ class Engine:
 
         seeds = plan.seeds
         step, total = 0, plan.steps
+        shared = cancel
+        if self.world is not None:  # the followers run the same job in step (``follow``)
+            from qwen_mlx.distributed import SharedCancel
+
+            message = {"kind": "job", "request": plan.request.to_wire()}
+            self.world.broadcast_json(message, "sending the job to the other processes")
+            shared = SharedCancel(self.world, cancel)
         try:
-            for event in self.pipe.generate(plan.request, cancel=cancel):
+            for event in self.pipe.generate(plan.request, cancel=shared):
                 if isinstance(event, ImageResult):
                     yield Result(event.seed, png_bytes(event.image, event.metadata), event.metadata)
                 else:
                     step, total = event.index, event.total
                     on_step(Step(seeds.index(event.seed), step, total, event.seconds))
-        except Cancelled:
-            raise Cancelled(f"{cancel.reason} at step {step}/{total}") from None
+        except Cancelled as e:
+            error = Cancelled(f"{cancel.reason} at step {step}/{total}")
+            error.in_step = getattr(e, "in_step", False)
+            raise error from None
+
+    # -- several processes (rank 0 serves; the others follow)
+
+    IDLE_PING = 5.0  # seconds between rank 0's pings while idle: a lost process shows
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """How often the worker calls :meth:`idle` while no job waits (None: never)."""
+        return self.IDLE_PING if self.world is not None else None
+
+    def idle(self) -> None:
+        """Rank 0, idle: one small collective, so a process that died ends the server now
+        rather than at the next request."""
+        if self.world is not None:
+            self.world.broadcast_json({"kind": "ping"}, "checking the other processes")
+
+    def close(self) -> None:
+        """Rank 0, stopping: the followers end too (exit 0)."""
+        if self.world is not None:
+            self.world.broadcast_json({"kind": "stop"}, "stopping the other processes")
+
+    def follow(self) -> None:
+        """A follower's loop (rank > 0 under ``mlx.launch``): wait for rank 0's next message
+        (for ever: a server may idle for hours; a lost rank 0 ends the wait at once), run each
+        job in step with it (images stay on rank 0), return when rank 0 stops. An error every
+        rank raised together (a refused request, a cancel) ends the job, not the loop."""
+        import math
+
+        from qwen_mlx.distributed import SharedCancel, in_step
+        from qwen_mlx.request import GenerationRequest
+
+        world = self.world
+        while True:
+            message = world.broadcast_json(None, "waiting for the next job", seconds=math.inf)
+            if message["kind"] == "stop":
+                return
+            if message["kind"] != "job":
+                continue
+            request = GenerationRequest.from_wire(message["request"])
+            try:
+                for _ in self.pipe.generate(request, cancel=SharedCancel(world)):
+                    pass
+            except Exception as e:  # noqa: BLE001 - rank 0 answers the client
+                if not in_step(e):
+                    raise
 
     def warm_up(self) -> None:
         """Load every weight (a 1-step run at the smallest size), so the first request does not
@@ -262,6 +325,8 @@ class Engine:
             "flavour": self.pipe.flavour if self.edit else "qwen-image",
             "max_input_images": (MAX_EDIT_IMAGES if self.plus else 1) if self.edit else 1,
             "precision": self.pipe.precision_name,
+            "processes": self.world.size if self.world is not None else 1,
+            "parallel": self.pipe.parallel if self.world is not None else None,
             "lightning": self.pipe.lightning,
             "size_multiple": self.multiple,
             "default_steps": self.default_steps,

@@ -156,13 +156,20 @@ class Job:
 class Worker:
     """One thread owns the engine (built on it by ``factory``) and runs queued jobs in order."""
 
-    def __init__(self, factory: Callable[[], Engine], max_queue: int = 8):
+    def __init__(
+        self,
+        factory: Callable[[], Engine],
+        max_queue: int = 8,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.factory = factory
         self.max_queue = max_queue
+        self.on_fatal = on_fatal
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.fatal: str | None = None  # why the engine can run no more jobs
         self.ready = threading.Event()
         self.accepting = True
         self.current: Job | None = None
@@ -265,14 +272,35 @@ class Worker:
             self.ready.set()
             return
         self.ready.set()
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001 - the engine is unusable: the server stops
+            self._fail(one_line(e))
+            return
+        if self.fatal is not None:
+            return  # out of step: the others see this process end
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - stopping anyway
+            log.debug("closing the engine failed", exc_info=True)
+
+    def _serve(self) -> None:
+        idle = self.engine.idle_seconds
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
+                    if not self._cond.wait(idle) and not self._queue and not self._closed:
+                        break  # idle: let the engine check on its processes
+                if not self._queue and not self._closed:
+                    job = None
+                elif not self._queue:
                     return
-                job = self._queue.popleft()
+                else:
+                    job = self._queue.popleft()
                 self.current = job
+            if job is None:
+                self.engine.idle()
+                continue
             try:
                 self._run(job)
             finally:
@@ -280,8 +308,38 @@ class Worker:
                     self.current, self.last = None, job
                     self._prune()
                 self._record_memory()
+            if self.fatal is not None:
+                return
+
+    def _fail(self, reason: str) -> None:
+        """The engine can run no more jobs (a process of the group died or left its step):
+        refuse the queue and tell whoever stops the server."""
+        self.fatal = reason
+        log.debug("stopping: %s", reason)
+        with self._cond:
+            self.accepting = False
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+        for job in queued:
+            job.token.cancel("the server is stopping")
+            job.finish("cancelled", f"the server is stopping: {reason}", 503)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def _run(self, job: Job) -> None:
+        try:
+            self._answer(job)
+        except Exception as e:  # noqa: BLE001 - _answer finished the job
+            from qwen_mlx.distributed import in_step
+
+            if self.engine.world is not None and not in_step(e):
+                # rank 0 failed alone (or another process died): the group is out of step
+                self._fail(f"the job failed on this process, out of step with the others: "
+                           f"{job.error}")  # fmt: skip
+
+    def _answer(self, job: Job) -> None:
+        """Run ``job`` and finish it (state, error, HTTP status); re-raise a failure."""
         from qwen_mlx.errors import NonFiniteError, QwenMLXError
 
         job.state, job.started = "running", time.time()
@@ -293,18 +351,22 @@ class Worker:
         except Cancelled as e:
             status = 503 if job.token.reason.startswith("the server") else 409
             job.finish("cancelled", f"the job was cancelled: {one_line(e)}", status)
+            raise
         except NonFiniteError as e:
             job.finish("error", one_line(e), 500)
+            raise
         except MemoryError as e:
             job.finish("error", f"out of memory: {one_line(e)}", 500)
+            raise
         except (QwenMLXError, ValueError) as e:
             job.finish("error", one_line(e), 400)
+            raise
         except Exception as e:  # noqa: BLE001 - one line to the client, the trace to the log
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
             job.finish("error", f"unexpected {type(e).__name__}: {one_line(e)}", 500)
-        else:
-            job.finish("done")
-            self._durations.append(job.finished - job.started)
+            raise
+        job.finish("done")
+        self._durations.append(job.finished - job.started)
 
     def _record_memory(self) -> None:
         import mlx.core as mx
