@@ -9,11 +9,13 @@ cfg: the whole transformer on every rank; one true-CFG velocity (cond = row 0, u
 of the fixed inputs), each rank computing its branch when there is a group; rank 0 writes it.
 
     python dist_worker.py pipe CKPT OUT --parallel MODE[,MODE...] [--seeds 1,2,3] [--cfg 4]
+        [--edit VAE_AREA,CONDITION_AREA] [--lora FILE]
 
 pipe: ``QwenImagePipeline.from_pretrained(CKPT, parallel=MODE)`` and ``generate``, for each
 MODE in turn; rank 0 writes OUT/MODE/latents-<seed>.npy (the last step's, for the seeds it
 sampled itself) and OUT/MODE/image-<seed>.npy for every image it yields, every rank
-OUT/MODE/mode.<rank> (the mode the job ran).
+OUT/MODE/mode.<rank> (the mode the job ran). ``--edit``: an Edit checkpoint, editing two
+fixed images; ``--lora``: a LoRA loaded (scale 0.8) before the first generation.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
 from qwen_mlx.distributed import CfgSplit, World, parameter_bytes, read_sharded, report_errors
 from qwen_mlx.io import read_json
@@ -57,15 +60,30 @@ def pipe(args) -> None:
     """One pipeline, each mode of ``--parallel`` (comma-separated) in turn: one job startup."""
     from qwen_mlx import GenerationRequest, QwenImagePipeline
     from qwen_mlx.pipelines.denoise import StepEvent
+    from qwen_mlx.pipelines.edit import QwenImageEditPipeline
 
     modes = args.parallel.split(",") if args.parallel else [None]
     world = World.init()
     with report_errors(world):
-        pipe = QwenImagePipeline.from_pretrained(args.ckpt, parallel=modes[0])
+        size, images = {"width": 32, "height": 32}, ()
+        if args.edit:  # the tiny models' small sizing areas (tests/tiny_edit.py's)
+            vae_area, condition_area = (int(a) for a in args.edit.split(","))
+            QwenImageEditPipeline.vae_image_area = vae_area
+            QwenImageEditPipeline.condition_image_area = condition_area
+            rng = np.random.default_rng(0)
+            images = tuple(
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for w, h in ((60, 40), (24, 36))
+            )
+            size = {}
+        cls = QwenImageEditPipeline if args.edit else QwenImagePipeline
+        pipe = cls.from_pretrained(args.ckpt, parallel=modes[0])
+        if args.lora:
+            pipe.load_lora(args.lora, 0.8)
         seeds = tuple(int(s) for s in args.seeds.split(","))
         req = GenerationRequest(
-            prompt="a red fox", negative_prompt="blurry, a long negative prompt", width=32,
-            height=32, steps=2, cfg=args.cfg, seeds=seeds,
+            prompt="a red fox", negative_prompt="blurry, a long negative prompt", steps=2,
+            cfg=args.cfg, seeds=seeds, images=images, **size,
         )  # fmt: skip
         for mode in modes:
             pipe.parallel = mode
@@ -90,6 +108,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--ckpt-for-rank", default=None)
     ap.add_argument("--quantize", type=int, default=None)
+    ap.add_argument("--edit", default=None, help="pipe: Edit checkpoint; VAE,COND areas")
+    ap.add_argument("--lora", default=None, help="pipe: this LoRA at scale 0.8")
     args = ap.parse_args()
     if args.mode == "pipe":
         return pipe(args)

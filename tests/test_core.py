@@ -202,3 +202,45 @@ def test_an_internal_bug_is_exit_1_in_one_line(model, monkeypatch, tmp_path):
     assert res.exit_code == 1, res.output
     assert "error: unexpected ValueError: an internal inconsistency" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "x.png").exists()
+
+
+def test_a_request_travels_to_another_process_unchanged(tmp_path):
+    """``to_wire`` / ``from_wire`` (how a server's rank 0 hands a job to the other ranks):
+    JSON only, and an equal request back: PIL images of every mode pixel for pixel, paths as
+    paths, tuples as tuples, the input names kept."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (5, 6, 4), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8))
+    req = GenerationRequest(
+        prompt="a fox", negative_prompt=None, width=32, height=48, steps=3, cfg=2.5,
+        seeds=(1, 2), images=(rgb, rgba, tmp_path / "cat.png"), mask=mask, strength=0.5,
+        sigmas=(1.0, 0.5, 0.2), image_names=("a.png", "b.png", "cat.png"), mask_name="m.png",
+        control_scale=(0.5, 1.0),
+    )  # fmt: skip
+    wire = json.loads(json.dumps(req.to_wire()))
+    back = GenerationRequest.from_wire(wire)
+    assert back.metadata() == req.metadata()
+    for field in ("seeds", "sigmas", "control_scale", "image_names", "mask_name", "strength"):
+        assert getattr(back, field) == getattr(req, field), field
+    for got, want in zip(back.images[:2], req.images[:2], strict=True):
+        assert got.mode == want.mode and np.array_equal(np.asarray(got), np.asarray(want))
+    assert back.images[2] == str(tmp_path / "cat.png")
+    assert np.array_equal(np.asarray(back.mask), np.asarray(mask)) and back.mask.mode == "L"
+    with pytest.raises(RequestError, match="unknown request fields"):
+        GenerationRequest.from_wire({**wire, "bogus": 1})
+
+
+def test_shared_cancel_in_a_group_of_one():
+    """``SharedCancel`` (rank 0's token as every rank sees it) in a group of one: raises
+    ``Cancelled`` with rank 0's reason once cancelled, marked as raised in step."""
+    from qwen_mlx.distributed import SharedCancel, World, in_step
+    from qwen_mlx.server.engine import CancelToken as ServerToken
+
+    local = ServerToken()
+    shared = SharedCancel(World(None), local)
+    shared.check()  # not cancelled: nothing
+    local.cancel("interrupted")
+    with pytest.raises(Cancelled, match="interrupted") as e:
+        shared.check()
+    assert in_step(e.value)

@@ -201,8 +201,10 @@ def test_seed_and_cfg_splits():
 def test_auto_mode():
     cfg = {"num_attention_heads": 24, "attention_head_dim": 128}
 
-    def pick(size=2, fits=True, true_cfg=True, seeds=1, mode="auto"):
-        return choose_mode(mode, size, fits=fits, true_cfg=true_cfg, seeds=seeds, config=cfg)
+    def pick(size=2, fits=True, true_cfg=True, seeds=1, mode="auto", serving=False):
+        return choose_mode(
+            mode, size, fits=fits, true_cfg=true_cfg, seeds=seeds, config=cfg, serving=serving
+        )
 
     assert pick(size=1) is None
     assert pick(fits=False) == "tensor"
@@ -219,6 +221,11 @@ def test_auto_mode():
         pick(mode="seeds")
     with pytest.raises(ValueError, match="do not divide"):
         pick(mode="tensor", size=5)
+    # a server takes every request: one seed without true CFG runs on rank 0, the rest in step
+    assert pick(true_cfg=False, serving=True) == "seeds"
+    assert pick(mode="seeds", serving=True) == "seeds"
+    with pytest.raises(ValueError, match="needs --cfg above 1"):
+        pick(mode="cfg", true_cfg=False, serving=True)
 
 
 def test_world_of_one_does_the_local_thing():
@@ -258,6 +265,70 @@ def test_pipeline_modes_match_one_process(tiny_4head_ckpt, tmp_path):
             else:
                 assert np.array_equal(got, want), (mode, s)
         assert not (out / "latents-2.npy").exists() or mode != "seeds"  # rank 1 sampled it
+
+
+@pytest.fixture(scope="module")
+def edit_ckpt(tmp_path_factory):
+    """A tiny Edit-2509/2511 checkpoint with a 4-head transformer (N = 2 divides the heads)."""
+    from tiny_edit import build_edit_checkpoint
+
+    root = tmp_path_factory.mktemp("dist-edit")
+    src, _ = build_edit_checkpoint(root / "src", "plus", num_attention_heads=4)
+    return convert_tiny(src, root / "mlx")
+
+
+def test_edit_modes_match_one_process(edit_ckpt, tmp_path):
+    """Edit-2509/2511 (two input images, true CFG, 2 steps, two seeds): one 2-process job
+    running seeds, cfg and tensor gives one process's images: seeds and cfg identical, tensor
+    within one 8-bit level."""
+    from tiny_edit import TEST_CONDITION_AREA, TEST_VAE_AREA
+
+    args = ("--seeds", "4,7", "--edit", f"{TEST_VAE_AREA},{TEST_CONDITION_AREA}")
+    one = job(1, "pipe", str(edit_ckpt), str(tmp_path / "1"), *args, timeout=300)
+    assert one.returncodes == [0], one.stderr
+    two = job(
+        2, "pipe", str(edit_ckpt), str(tmp_path / "2"), *args, "--parallel", "seeds,cfg,tensor",
+        timeout=300,
+    )  # fmt: skip
+    assert two.returncodes == [0, 0], two.stderr
+    for mode in ("seeds", "cfg", "tensor"):
+        assert (tmp_path / "2" / mode / "mode.1").read_text() == mode
+        for s in (4, 7):
+            got = np.load(tmp_path / "2" / mode / f"image-{s}.npy").astype(int)
+            want = np.load(tmp_path / "1" / "None" / f"image-{s}.npy").astype(int)
+            assert got.shape == want.shape and got.shape[0] > 0
+            bound = 1 if mode == "tensor" else 0
+            assert np.abs(got - want).max() <= bound, (mode, s)
+
+
+def test_tensor_parallel_with_a_lora(tiny_4head_ckpt, tmp_path):
+    """A LoRA (attention, MLP and modulation layers, scale 0.8) under tensor parallel: fused
+    into the float weights, then sliced; the latents are one process's with the same LoRA
+    within 1e-5 relative, and far from those without it (the LoRA did apply)."""
+    from tiny_lora import layout_tensors, random_factors, save
+    from tiny_pipeline import TEXT_HIDDEN
+
+    model = build_transformer(
+        "diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN, num_attention_heads=4
+    )
+    modules = (
+        "transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mod.1",
+        "transformer_blocks.0.txt_mlp.net.2", "transformer_blocks.1.attn.to_out.0",
+        "transformer_blocks.1.img_mlp.net.0.proj",
+    )  # fmt: skip
+    lora = save(tmp_path / "lora.safetensors", layout_tensors("peft", random_factors(
+        model, modules, rank=4, seed=3), None)[0])  # fmt: skip
+    base = ("pipe", str(tiny_4head_ckpt))
+    one = job(1, *base, str(tmp_path / "1"), "--lora", str(lora), timeout=300)
+    plain = job(1, *base, str(tmp_path / "0"), timeout=300)
+    two = job(2, *base, str(tmp_path / "2"), "--lora", str(lora), "--parallel", "tensor",
+              timeout=300)  # fmt: skip
+    assert one.returncodes == plain.returncodes == [0] and two.returncodes == [0, 0], two.stderr
+    want = np.load(tmp_path / "1" / "None" / "latents-1.npy")
+    got = np.load(tmp_path / "2" / "tensor" / "latents-1.npy")
+    without = np.load(tmp_path / "0" / "None" / "latents-1.npy")
+    assert 0 < rel(got, want) < 1e-5
+    assert rel(without, want) > 1e-2
 
 
 def _launch_port() -> int:

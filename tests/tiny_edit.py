@@ -124,9 +124,12 @@ TEST_CONDITION_AREA = 48 * 48
 EDIT_CLASSES = {"edit": "QwenImageEditPipeline", "plus": "QwenImageEditPlusPipeline"}
 
 
-def build_edit_checkpoint(root: Path, flavour: str = "edit", zero_cond_t: bool = False):
+def build_edit_checkpoint(
+    root: Path, flavour: str = "edit", zero_cond_t: bool = False, **transformer
+):
     """Save a tiny Edit checkpoint in the released layout (with processor/); return
-    (root, diffusers reference pipeline). ``flavour``: "edit" or "plus" (2509/2511)."""
+    (root, diffusers reference pipeline). ``flavour``: "edit" or "plus" (2509/2511);
+    ``transformer``: overrides of the tiny transformer's config (e.g. num_attention_heads)."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
@@ -138,7 +141,11 @@ def build_edit_checkpoint(root: Path, flavour: str = "edit", zero_cond_t: bool =
     from tiny_transformer import build_transformer
 
     transformer = build_transformer(
-        "diffusers", std=0.2, joint_attention_dim=TEXT_HIDDEN, zero_cond_t=zero_cond_t
+        "diffusers",
+        std=0.2,
+        joint_attention_dim=TEXT_HIDDEN,
+        zero_cond_t=zero_cond_t,
+        **transformer,
     )
     text_encoder = build_edit_text_encoder()
     vae = build_vae()
