@@ -990,11 +990,15 @@ def generate(pipe, request, cancel, world: World, mode: str):
         keep = result is not None and owner and not (filler and done == rounds - 1)
         image = np.asarray(result.image.convert("RGB"), dtype=np.uint8) if keep else None
         images = world.gather_images(image, shape)
-        metas = world.gather_json(result.metadata if keep else None, "gathering images")
+        metas = world.gather_json(result.metadata if result else None, "gathering images")
         out = []
         for r in range(world.size):
             if images[r] is not None:
-                out.append(ImageResult(metas[r]["seed"], Image.fromarray(images[r]), metas[r]))
+                meta = dict(metas[r])
+                if mode == "cfg" and meta.get("cache"):  # each branch counted its own passes
+                    for key in ("cache_full_passes", "cache_passes"):
+                        meta[key] += metas[r + 1][key]
+                out.append(ImageResult(meta["seed"], Image.fromarray(images[r]), meta))
         return out
 
     pipe.cfg_split = CfgSplit.of(world) if mode == "cfg" else None  # the Denoiser's hook

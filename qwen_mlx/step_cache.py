@@ -283,7 +283,9 @@ class _MagState:
 class StepCacheRun:
     """One image's step cache. ``run(model, x, *args, **kwargs)`` replaces the per-step
     ``model(x, *args, **kwargs)``; the batch holds ``branches`` equal blocks of rows (cond, then
-    uncond). ``mag_ratios``: resolved ratios per branch name (MagCache without calibrate)."""
+    uncond). ``mag_ratios``: resolved ratios per branch name (MagCache without calibrate).
+    ``only``: the one branch this process computes (``--parallel cfg``): each branch decides on
+    its own, so the pair of processes skips exactly what one process would."""
 
     def __init__(
         self,
@@ -291,11 +293,14 @@ class StepCacheRun:
         num_steps: int,
         branches: int = 1,
         mag_ratios: dict[str, Sequence[float]] | None = None,
+        only: str | None = None,
     ):
         if not 1 <= branches <= len(BRANCHES):
             raise ValueError(f"branches must be 1 or 2, got {branches}")
+        if only is not None and (branches != 2 or only not in BRANCHES):
+            raise ValueError(f"only: one of {BRANCHES} of a 2-branch run, got {only!r}")
         self.config, self.num_steps = config, num_steps
-        self.names = BRANCHES[:branches]
+        self.names = BRANCHES[:branches] if only is None else (only,)
         self.full_passes = dict.fromkeys(self.names, 0)
         self.calls = 0
         self.calibrated: dict[str, list[float]] = {}

@@ -9,18 +9,21 @@ cfg: the whole transformer on every rank; one true-CFG velocity (cond = row 0, u
 of the fixed inputs), each rank computing its branch when there is a group; rank 0 writes it.
 
     python dist_worker.py pipe CKPT OUT --parallel MODE[,MODE...] [--seeds 1,2,3] [--cfg 4]
-        [--edit VAE_AREA,CONDITION_AREA] [--lora FILE]
+        [--edit VAE_AREA,CONDITION_AREA] [--lora FILE] [--cache SPEC] [--steps N]
+        [--controlnet DIR]
 
 pipe: ``QwenImagePipeline.from_pretrained(CKPT, parallel=MODE)`` and ``generate``, for each
 MODE in turn; rank 0 writes OUT/MODE/latents-<seed>.npy (the last step's, for the seeds it
 sampled itself) and OUT/MODE/image-<seed>.npy for every image it yields, every rank
 OUT/MODE/mode.<rank> (the mode the job ran). ``--edit``: an Edit checkpoint, editing two
-fixed images; ``--lora``: a LoRA loaded (scale 0.8) before the first generation.
+fixed images; ``--lora``: a LoRA loaded (scale 0.8) before the first generation;
+``--cache``: a step cache; ``--controlnet``: a ControlNet with a fixed control image (0.8).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -80,10 +83,20 @@ def pipe(args) -> None:
         pipe = cls.from_pretrained(args.ckpt, parallel=modes[0])
         if args.lora:
             pipe.load_lora(args.lora, 0.8)
+        control = {}
+        if args.controlnet:
+            pipe.load_controlnet(args.controlnet)
+            rng = np.random.default_rng(1)
+            image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            control = {"control_images": (image,), "control_scale": 0.8}
+        if args.cache:
+            from qwen_mlx.step_cache import parse_spec
+
+            pipe.enable_cache(parse_spec(args.cache))
         seeds = tuple(int(s) for s in args.seeds.split(","))
         req = GenerationRequest(
-            prompt="a red fox", negative_prompt="blurry, a long negative prompt", steps=2,
-            cfg=args.cfg, seeds=seeds, images=images, **size,
+            prompt="a red fox", negative_prompt="blurry, a long negative prompt", steps=args.steps,
+            cfg=args.cfg, seeds=seeds, images=images, **size, **control,
         )  # fmt: skip
         for mode in modes:
             pipe.parallel = mode
@@ -94,6 +107,7 @@ def pipe(args) -> None:
                     np.save(out / f"latents-{event.seed}.npy", np.array(event.latents))
                 else:
                     np.save(out / f"image-{event.seed}.npy", np.asarray(event.image))
+                    (out / f"meta-{event.seed}.json").write_text(json.dumps(event.metadata))
             (out / f"mode.{world.rank}").write_text(str(getattr(pipe, "parallel_mode", None)))
     sys.exit(0)
 
@@ -110,6 +124,9 @@ def main() -> None:
     ap.add_argument("--quantize", type=int, default=None)
     ap.add_argument("--edit", default=None, help="pipe: Edit checkpoint; VAE,COND areas")
     ap.add_argument("--lora", default=None, help="pipe: this LoRA at scale 0.8")
+    ap.add_argument("--cache", default=None, help="pipe: a step cache (--cache's spec)")
+    ap.add_argument("--steps", type=int, default=2, help="pipe: denoising steps")
+    ap.add_argument("--controlnet", default=None, help="pipe: this ControlNet, a control image")
     args = ap.parse_args()
     if args.mode == "pipe":
         return pipe(args)

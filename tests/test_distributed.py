@@ -7,6 +7,7 @@ same worker as a group of one.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -331,6 +332,60 @@ def test_tensor_parallel_with_a_lora(tiny_4head_ckpt, tmp_path):
     assert rel(without, want) > 1e-2
 
 
+def test_step_caches_under_cfg_parallel(tiny_4head_ckpt, tmp_path):
+    """First-Block Cache and TaylorSeer under --parallel cfg: each process caches its own CFG
+    branch, so the pair skips what one process skips: the same images (float32, bit for bit),
+    the same pass counts in the metadata, and some passes skipped."""
+    base = ("pipe", str(tiny_4head_ckpt))
+    for spec in ("fbcache:3", "taylorseer:2"):  # fbcache:3: seed 2's branches skip apart
+        args = ("--cache", spec, "--steps", "5", "--seeds", "1,2")
+        one = job(1, *base, str(tmp_path / spec / "1"), *args, timeout=300)
+        two = job(2, *base, str(tmp_path / spec / "2"), *args, "--parallel", "cfg",
+                  timeout=300)  # fmt: skip
+        assert one.returncodes == [0] and two.returncodes == [0, 0], (spec, two.stderr)
+        for s in (1, 2):
+            ref, out = tmp_path / spec / "1" / "None", tmp_path / spec / "2" / "cfg"
+            assert np.array_equal(np.load(out / f"image-{s}.npy"), np.load(ref / f"image-{s}.npy"))
+            meta = json.loads((out / f"meta-{s}.json").read_text())
+            want = json.loads((ref / f"meta-{s}.json").read_text())
+            for key in ("cache", "cache_full_passes", "cache_passes"):
+                assert meta[key] == want[key], (spec, key)
+            assert meta["cache_passes"] == 10 and meta["cache_full_passes"] < 10, (spec, meta)
+
+
+def test_controlnet_in_every_mode(tiny_4head_ckpt, tmp_path):
+    """A ControlNet (two blocks, a control image, scale 0.8): seeds and cfg give one process's
+    images bit for bit; tensor (the ControlNet whole on each process, its residuals added to
+    the sharded transformer's replicated activations) the latents within 1e-5 relative."""
+    from tiny_controlnet import build_controlnet, save_controlnet
+    from tiny_pipeline import TEXT_HIDDEN
+
+    net = build_controlnet(
+        "diffusers", num_layers=2, seed=11, std=0.2, num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN,
+    )  # fmt: skip
+    folder = save_controlnet(net, tmp_path / "cn")
+    args = ("pipe", str(tiny_4head_ckpt))
+    one = job(1, *args, str(tmp_path / "1"), "--controlnet", str(folder), "--seeds", "1,2",
+              timeout=300)  # fmt: skip
+    two = job(2, *args, str(tmp_path / "2"), "--controlnet", str(folder), "--seeds", "1,2",
+              "--parallel", "seeds,cfg,tensor", timeout=300)  # fmt: skip
+    assert one.returncodes == [0] and two.returncodes == [0, 0], two.stderr
+    plain = job(1, *args, str(tmp_path / "0"), "--seeds", "1,2", timeout=300)
+    assert plain.returncodes == [0], plain.stderr
+    ref = tmp_path / "1" / "None"
+    assert (
+        rel(np.load(tmp_path / "0" / "None" / "latents-1.npy"), np.load(ref / "latents-1.npy"))
+        > 1e-3
+    )
+    for mode in ("seeds", "cfg"):
+        for s in (1, 2):
+            got = np.load(tmp_path / "2" / mode / f"image-{s}.npy")
+            assert np.array_equal(got, np.load(ref / f"image-{s}.npy")), (mode, s)
+    got = np.load(tmp_path / "2" / "tensor" / "latents-1.npy")
+    assert 0 < rel(got, np.load(ref / "latents-1.npy")) < 1e-5
+
+
 def _launch_port() -> int:
     """A port P with P and P + 1 free (mlx.launch numbers the ranks' ports from P)."""
     import socket
@@ -396,3 +451,18 @@ def test_slices_from_disk_equal_slices_in_memory(ckpt):
             assert mx.array_equal(parts[0][k], full[k])
         else:
             assert mx.array_equal(mx.concatenate([p[k] for p in parts], axis=axis), full[k])
+
+
+def test_magcache_calibration_is_refused_under_cfg_parallel(tiny_4head_ckpt):
+    """Calibrating MagCache needs both CFG branches' residuals in one process: under a CFG
+    split it is refused with one line before any step."""
+    from qwen_mlx import GenerationRequest, QwenImagePipeline
+    from qwen_mlx.errors import RequestError
+    from qwen_mlx.step_cache import MagCacheConfig
+
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_4head_ckpt))
+    pipe.enable_cache(MagCacheConfig(calibrate=True))
+    pipe.cfg_split = CfgSplit(0, 2)
+    req = GenerationRequest(prompt="a fox", width=32, height=32, steps=2, cfg=4.0, seeds=(1,))
+    with pytest.raises(RequestError, match="MagCache calibration needs both CFG branches"):
+        list(pipe.generate(req))

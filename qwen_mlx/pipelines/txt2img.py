@@ -410,8 +410,10 @@ class QwenImagePipeline:
         folder = weights_identity(self.source.folder("transformer"))
         return step_cache.calibration_key(folder, timesteps, branches, self.lora_key())
 
-    def step_cache_run(self, timesteps: np.ndarray, branches: int) -> StepCacheRun | None:
-        """A fresh cache state for one run (None: no cache)."""
+    def step_cache_run(
+        self, timesteps: np.ndarray, branches: int, only: str | None = None
+    ) -> StepCacheRun | None:
+        """A fresh cache state for one run (None: no cache); ``only``: see StepCacheRun."""
         config = self.step_cache
         if config is None:
             return None
@@ -425,7 +427,7 @@ class QwenImagePipeline:
                         f"steps, CFG {'on' if branches == 2 else 'off'}): run it once with "
                         "--cache-calibrate (Python: MagCacheConfig(calibrate=True))"
                     )
-        return StepCacheRun(config, len(timesteps), branches, ratios)
+        return StepCacheRun(config, len(timesteps), branches, ratios, only)
 
     def _cached_steps(self, steps, run: StepCacheRun, timesteps) -> Iterator[StepEvent]:
         self.last_cache = run
@@ -534,11 +536,15 @@ class QwenImagePipeline:
             raise RequestError(
                 "fbcache and magcache do not run with a ControlNet yet (use taylorseer)"
             )
+        only = None  # --parallel cfg: this process's branch keeps its own cache
         if self.step_cache is not None and negative is not None and self.cfg_split is not None:
-            raise RequestError(
-                "step caches do not run with --parallel cfg yet (use --parallel seeds or tensor)"
-            )
-        cache = self.step_cache_run(timesteps, 1 if negative is None else 2)
+            if isinstance(self.step_cache, MagCacheConfig) and self.step_cache.calibrate:
+                raise RequestError(
+                    "MagCache calibration needs both CFG branches in one process: calibrate "
+                    "without --parallel cfg (the stored ratios then serve it)"
+                )
+            only = step_cache.BRANCHES[self.cfg_split.branch]
+        cache = self.step_cache_run(timesteps, 1 if negative is None else 2, only)
         t_in = mx.array([float(t) for t in timesteps], dtype=mx.float32) / 1000.0
         table = self.modulation_table(t_in) if self.adaln_cache else None
         den = Denoiser(
