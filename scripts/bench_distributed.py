@@ -190,8 +190,8 @@ def main() -> None:
         f"{args.steps} steps (after one warm-up), float32, this machine's CPU"
     )
     print(f"| mode | bytes/step sent per process (counted) | payload | 1 process s/step | "
-          f"{n} processes s/step | ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          f"{n} processes s/step | ratio | peak, 1 process | peak, rank 0 of {n} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     base = [sys.executable, __file__, *sys.argv[1:]]
     for mode in ("cfg", "seeds", "tensor"):
         res = []
@@ -203,7 +203,8 @@ def main() -> None:
         one, many = res
         print(
             f"| {mode} | {mib(many['sent'])} | {mib(many['payload'])} | {one['seconds']:.4f} | "
-            f"{many['seconds']:.4f} | {many['seconds'] / one['seconds']:.2f} |"
+            f"{many['seconds']:.4f} | {many['seconds'] / one['seconds']:.2f} | "
+            f"{mib(one['peak'])} | {mib(many['peak'])} |"
         )
     print()
     print("Projection: 1024x1024 on two Macs, released model (60 blocks, width 3072, bf16),")

@@ -290,6 +290,8 @@ class Engine:
         rank raised together (a refused request, a cancel) ends the job, not the loop."""
         import math
 
+        import mlx.core as mx
+
         from qwen_mlx.distributed import SharedCancel, in_step
         from qwen_mlx.request import GenerationRequest
 
@@ -307,6 +309,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - rank 0 answers the client
                 if not in_step(e):
                     raise
+            finally:
+                mx.clear_cache()  # as rank 0's worker does after each job
 
     def warm_up(self) -> None:
         """Load every weight (a 1-step run at the smallest size), so the first request does not
