@@ -73,3 +73,21 @@ def rel_err(ours, ref) -> float:
     a, b = to_np(ours), to_np(ref)
     assert a.shape == b.shape, f"shape mismatch {a.shape} vs {b.shape}"
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def launch_port() -> int:
+    """A port P with P and P + 1 free (``mlx.launch --starting-port P`` numbers the ranks'
+    ports from P)."""
+    import socket
+
+    from qwen_mlx.distributed import free_ports
+
+    for _ in range(50):
+        (port,) = free_ports(1)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no two consecutive free ports")

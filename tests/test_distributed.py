@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import convert_tiny
+from helpers import convert_tiny, launch_port
 from tiny_transformer import build_transformer, save_checkpoint
 
 from qwen_mlx.distributed import (
@@ -386,21 +386,6 @@ def test_controlnet_in_every_mode(tiny_4head_ckpt, tmp_path):
     assert 0 < rel(got, np.load(ref / "latents-1.npy")) < 1e-5
 
 
-def _launch_port() -> int:
-    """A port P with P and P + 1 free (mlx.launch numbers the ranks' ports from P)."""
-    import socket
-
-    for _ in range(50):
-        (port,) = free_ports(1)
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_cli_under_mlx_launch(tiny_4head_ckpt, tmp_path):
     """The real launcher and the real command: ``mlx.launch --backend ring -n 2 -- qwen-mlx
     generate --parallel seeds``. Rank 0 alone prints and writes both PNGs (each with its own
@@ -412,7 +397,7 @@ def test_cli_under_mlx_launch(tiny_4head_ckpt, tmp_path):
     bindir = Path(sys.executable).parent
     cmd = [
         str(bindir / "mlx.launch"), "--backend", "ring", "-n", "2",
-        "--starting-port", str(_launch_port()), "--",
+        "--starting-port", str(launch_port()), "--",
         str(bindir / "qwen-mlx"), "generate", "--model", str(tiny_4head_ckpt), "-p", "a red fox",
         "--width", "32", "--height", "32", "--steps", "1", "--seed", "5", "--seed", "6",
         "-o", str(tmp_path / "fox.png"), "--parallel", "seeds",

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from helpers import launch_port
 from server_helpers import free_port, png_metadata, png_pixels
 
 from qwen_mlx.distributed import free_ports
@@ -136,21 +137,6 @@ class Group:
             return self.procs[0].wait(timeout)
         finally:
             self.kill()
-
-
-def launch_port() -> int:
-    """A port P with P and P + 1 free (mlx.launch numbers the ranks' ports from P)."""
-    import socket
-
-    for _ in range(50):
-        (port,) = free_ports(1)
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def a1111(url: str, **fields) -> httpx.Response:

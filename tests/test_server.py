@@ -400,10 +400,21 @@ def test_masks_follow_each_apis_convention():
 
 def test_schema_fuzz(server):
     """Every operation of /openapi.json, 6 generated examples each: never a 5xx (generation
-    requests run for real; the memory limit keeps them small)."""
+    requests run for real; the memory limit keeps them small), and every answer, errors
+    included, has a status, content type and body the schema declares."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [
+        not_a_server_error, status_code_conformance, content_type_conformance,
+        response_schema_conformance,
+    ]  # fmt: skip
 
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     failures, calls = [], 0
@@ -417,8 +428,7 @@ def test_schema_fuzz(server):
             nonlocal calls
             calls += 1
             try:
-                case.call_and_validate(base_url=server.url, checks=[not_a_server_error],
-                                       timeout=60)  # fmt: skip
+                case.call_and_validate(base_url=server.url, checks=checks, timeout=60)
             except Exception as e:  # noqa: BLE001 - collected, reported below
                 failures.append(f"{case.operation.label}: {' '.join(str(e).split())[:300]}")
 

@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from qwen_mlx import __version__
 
 from .common import (
+    A1111Error,
     ApiError,
     as_mask,
     b64,
     decode_base64,
+    error_responses,
     read_image,
     run_job,
     server_timing,
@@ -28,7 +30,9 @@ from .common import (
 from .engine import Params
 from .jobs import Job
 
-router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+router = APIRouter(
+    prefix="/sdapi/v1", tags=["AUTOMATIC1111"], responses=error_responses(A1111Error)
+)
 SAMPLER = "FlowMatchEuler"
 
 

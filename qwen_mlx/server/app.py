@@ -14,12 +14,31 @@ from typing import Annotated
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import a1111, openai
-from .common import ApiError, error_response, read_image, submit, worker_of
+from .common import (
+    ApiError,
+    PlainError,
+    error_response,
+    error_responses,
+    read_image,
+    submit,
+    worker_of,
+)
 from .engine import Params
 from .jobs import Worker, one_line
+
+ERRORS = error_responses(PlainError)  # the web page API's errors
+
+
+class Unavailable(BaseModel):
+    """/health while loading or stopping."""
+
+    status: str
+    detail: str
+
 
 DEFAULT_MAX_BODY = 64 * 2**20  # bytes: a few base64 images
 # Reachable without the key: the page itself, the health check, and a job's progress stream
@@ -139,7 +158,7 @@ def create_app(
         app.add_middleware(KeyCheck, key=api_key)
     app.add_middleware(BodyLimit, limit=max_body)  # outermost: before anything reads the body
 
-    @app.get("/health", tags=["server"])
+    @app.get("/health", tags=["server"], responses={503: {"model": Unavailable}})
     async def health(request: Request):
         w: Worker = request.app.state.worker
         if w.engine is None or not w.accepting:
@@ -164,11 +183,11 @@ def create_app(
 
     # -- the web page's job API: submit, follow (server-sent events), cancel, fetch images
 
-    @app.get("/api/info", tags=["web page"])
+    @app.get("/api/info", tags=["web page"], responses=ERRORS)
     async def info(request: Request):
         return dict(worker_of(request).engine.describe(), auth=bool(api_key))
 
-    @app.post("/api/jobs", status_code=202, tags=["web page"])
+    @app.post("/api/jobs", status_code=202, tags=["web page"], responses=ERRORS)
     async def create_job(
         request: Request,
         prompt: Annotated[str, Form()],
@@ -210,18 +229,18 @@ def create_app(
             raise ApiError(404, f"no job {job_id} (finished jobs are kept for a while only)")
         return job
 
-    @app.get("/api/jobs/{job_id}", tags=["web page"])
+    @app.get("/api/jobs/{job_id}", tags=["web page"], responses=ERRORS)
     async def get_job(job_id: str, request: Request):
         return job_of(request, job_id).snapshot()
 
-    @app.post("/api/jobs/{job_id}/cancel", tags=["web page"])
+    @app.post("/api/jobs/{job_id}/cancel", tags=["web page"], responses=ERRORS)
     async def cancel_job(job_id: str, request: Request):
         job = job_of(request, job_id)
         if not job.done.is_set():
             request.app.state.worker.cancel(job, "cancelled")
         return job.snapshot()
 
-    @app.get("/api/jobs/{job_id}/images/{index}.png", tags=["web page"])
+    @app.get("/api/jobs/{job_id}/images/{index}.png", tags=["web page"], responses=ERRORS)
     async def job_image(job_id: str, index: int, request: Request):
         job = job_of(request, job_id)
         if job.state != "done" or not 0 <= index < len(job.results):
@@ -233,7 +252,7 @@ def create_app(
             headers={"Content-Disposition": f'inline; filename="{name}"'},
         )
 
-    @app.get("/api/jobs/{job_id}/events", tags=["web page"])
+    @app.get("/api/jobs/{job_id}/events", tags=["web page"], responses=ERRORS)
     async def job_events(job_id: str, request: Request):
         """Server-sent events: ``progress`` after steps, then one ``done``, ``cancelled`` or
         ``error`` with the job's state (results: image URLs and their parameters)."""

@@ -10,6 +10,7 @@ from http import HTTPStatus
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from qwen_mlx.errors import QwenMLXError
@@ -38,6 +39,43 @@ OPENAI_TYPES = {
     500: ("server_error", None),
     503: ("server_error", "unavailable"),
 }
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error shape (what its clients parse)."""
+
+    error: OpenAIErrorDetail
+
+
+class A1111Error(BaseModel):
+    """AUTOMATIC1111's error shape."""
+
+    error: str
+    detail: str
+    body: str
+    errors: str
+
+
+class PlainError(BaseModel):
+    """The web page API's (FastAPI's) error shape."""
+
+    detail: str
+
+
+ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 429, 500, 503)
+
+
+def error_responses(model: type[BaseModel], statuses=ERROR_STATUSES) -> dict:
+    """The OpenAPI ``responses`` of a route (or a router) whose errors ``error_body`` shapes:
+    every status it may answer besides 2xx, with its body (so clients and schema checks know)."""
+    return {s: {"model": model, "description": HTTPStatus(s).phrase} for s in statuses}
 
 
 def error_body(path: str, status: int, message: str) -> dict:

@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
     ApiError,
+    OpenAIError,
     as_mask,
     b64,
+    error_responses,
     parse_size,
     read_image,
     run_job,
@@ -21,7 +23,7 @@ from .common import (
 from .engine import Params
 from .jobs import Job
 
-router = APIRouter(prefix="/v1", tags=["OpenAI Images"])
+router = APIRouter(prefix="/v1", tags=["OpenAI Images"], responses=error_responses(OpenAIError))
 MAX_N = 10  # as OpenAI's
 
 
