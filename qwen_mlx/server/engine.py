@@ -248,7 +248,11 @@ class Engine:
         if self.world is not None:  # the followers run the same job in step (``follow``)
             from qwen_mlx.distributed import SharedCancel
 
-            message = {"kind": "job", "request": plan.request.to_wire()}
+            try:
+                message = {"kind": "job", "request": plan.request.to_wire()}
+            except Exception as e:  # nothing sent yet: the group is still in step
+                e.in_step = True
+                raise
             self.world.broadcast_json(message, "sending the job to the other processes")
             shared = SharedCancel(self.world, cancel)
         try:
@@ -302,8 +306,12 @@ class Engine:
                 return
             if message["kind"] != "job":
                 continue
-            request = GenerationRequest.from_wire(message["request"])
             try:
+                try:
+                    request = GenerationRequest.from_wire(message["request"])
+                except Exception as e:  # noqa: BLE001 - reported where rank 0 checks the request
+                    with world.agree("checking the request"):  # run_generate's first checkpoint
+                        raise e from None
                 for _ in self.pipe.generate(request, cancel=SharedCancel(world)):
                     pass
             except Exception as e:  # noqa: BLE001 - rank 0 answers the client
