@@ -47,18 +47,11 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not start in {START_TIMEOUT} s: {self.output()}")
+        try:
+            wait_healthy(self.url, [self.proc], START_TIMEOUT)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{e}: {self.output()}") from None
 
     @property
     def headers(self) -> dict:
@@ -84,6 +77,23 @@ class Server:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    """Until ``url``/health answers 200; RuntimeError if one of ``procs`` exits first or
+    ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"the server exited {p.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not start in {timeout} s")
 
 
 def png_pixels(data: bytes) -> np.ndarray:

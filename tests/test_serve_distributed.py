@@ -21,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 from helpers import launch_port
-from server_helpers import free_port, png_metadata, png_pixels
+from server_helpers import free_port, png_metadata, png_pixels, wait_healthy
 
 from qwen_mlx.distributed import free_ports
 
@@ -92,19 +92,11 @@ class Group:
             ]
         for f in files:
             f.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                self.kill()
-                raise RuntimeError(f"a process exited: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"the server did not start in {START_TIMEOUT} s: {self.output()}")
+        try:
+            wait_healthy(self.url, self.procs, START_TIMEOUT)
+        except RuntimeError as e:
+            self.kill()
+            raise RuntimeError(f"{e}: {self.output()}") from None
 
     def output(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs)

@@ -23,7 +23,7 @@ from .common import (
     PlainError,
     error_response,
     error_responses,
-    read_image,
+    read_uploads,
     submit,
     worker_of,
 )
@@ -203,10 +203,7 @@ def create_app(
     ):
         """Queue a job and answer at once with its id; follow it at ``/api/jobs/{id}/events``."""
         limit = worker_of(request).engine.max_image_pixels
-        pictures, names = [], []
-        for i, f in enumerate(image or []):
-            pictures.append(read_image(await f.read(), f"image {i + 1}", limit))
-            names.append(f.filename or f"image-{i + 1}.png")
+        pictures, names = await read_uploads(image or [], limit)
         params = Params(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -216,8 +213,8 @@ def create_app(
             cfg=cfg,
             seed=seed,
             n=n,
-            images=tuple(pictures),
-            image_names=tuple(names),
+            images=pictures,
+            image_names=names,
             strength=strength,
         )
         job = await submit(request, params)

@@ -129,6 +129,15 @@ def read_image(data: bytes, what: str, max_pixels: int):
     return im
 
 
+async def read_uploads(files, max_pixels: int) -> tuple[tuple, tuple[str, ...]]:
+    """(images, names) of uploaded files (``UploadFile``s), each checked by ``read_image``."""
+    pictures, names = [], []
+    for i, f in enumerate(files):
+        pictures.append(read_image(await f.read(), f"image {i + 1}", max_pixels))
+        names.append(f.filename or f"image-{i + 1}.png")
+    return tuple(pictures), tuple(names)
+
+
 def decode_base64(text: str, what: str) -> bytes:
     """A1111 sends images as base64, sometimes as a data URL."""
     if not isinstance(text, str):

@@ -16,6 +16,7 @@ from .common import (
     error_responses,
     parse_size,
     read_image,
+    read_uploads,
     run_job,
     server_timing,
     worker_of,
@@ -115,10 +116,7 @@ async def edits(
     files = [*(image or []), *(images or [])]
     if not files:
         raise ApiError(400, "give an image to edit (field 'image' or 'image[]')")
-    pictures, names = [], []
-    for i, f in enumerate(files):
-        pictures.append(read_image(await f.read(), f"image {i + 1}", limit))
-        names.append(f.filename or f"image-{i + 1}.png")
+    pictures, names = await read_uploads(files, limit)
     mask_image = as_mask(read_image(await mask.read(), "mask", limit)) if mask else None
     width, height = parse_size(size)
     params = Params(
@@ -130,8 +128,8 @@ async def edits(
         cfg=cfg,
         seed=seed,
         n=n,
-        images=tuple(pictures),
-        image_names=tuple(names),
+        images=pictures,
+        image_names=names,
         mask=mask_image,
         strength=strength,
     )
