@@ -154,6 +154,8 @@ def test_serve_under_mlx_launch(tiny_4head_ckpt, tmp_path):
     group = Group(tiny_4head_ckpt, tmp_path)
     try:
         assert httpx.get(f"{group.url}/health").json()["status"] == "ok"
+        info = httpx.get(f"{group.url}/api/info").json()
+        assert (info["processes"], info["parallel"]) == (2, "auto")
         client = openai.OpenAI(base_url=f"{group.url}/v1", api_key="x", max_retries=0)
         out = client.images.generate(
             prompt=PROMPT, n=3, size="32x32",
