@@ -240,32 +240,46 @@ def test_world_of_one_does_the_local_thing():
 # -- the pipeline: QwenImagePipeline.from_pretrained(..., parallel=MODE).generate
 
 
-def test_pipeline_modes_match_one_process(tiny_4head_ckpt, tmp_path):
-    """Three seeds, true CFG (a padded negative prompt), 2 steps at 32x32, float32: one
-    process, then one 2-process job running seeds, cfg and tensor in turn. Seeds and cfg give
-    the very latents and images of one process; tensor the latents within 1e-5 relative
-    (measured 1.4e-6 to 1.6e-6) and the same 8-bit images. Rank 0 yields every image."""
-    seeds = "1,2,3"
-    one = job(1, "pipe", str(tiny_4head_ckpt), str(tmp_path / "1"), "--seeds", seeds, timeout=300)
+@pytest.fixture(scope="module")
+def one_process_pipe(tiny_4head_ckpt, tmp_path_factory) -> Path:
+    """One process's latents and images for test_pipeline_modes_match_one_process."""
+    out = tmp_path_factory.mktemp("one-process")
+    one = job(1, "pipe", str(tiny_4head_ckpt), str(out), "--seeds", "1,2,3", timeout=300)
     assert one.returncodes == [0], one.stderr
-    args = ("--seeds", seeds, "--parallel", "seeds,cfg,tensor")
-    two = job(2, "pipe", str(tiny_4head_ckpt), str(tmp_path / "2"), *args, timeout=300)
-    assert two.returncodes == [0, 0], two.stderr
-    ref = tmp_path / "1" / "None"
-    own = {"seeds": (1, 3), "cfg": (1, 2, 3), "tensor": (1, 2, 3)}  # rank 0's own samples
+    return out / "None"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_pipeline_modes_match_one_process(tiny_4head_ckpt, one_process_pipe, n, tmp_path):
+    """Three seeds, true CFG (a padded negative prompt), 2 steps at 32x32, float32: one
+    process, then one N-process job running seeds, cfg and tensor in turn. Seeds and cfg give
+    the very latents and images of one process; tensor the latents within 1e-5 relative
+    (measured 1.4e-6 to 1.6e-6) and the same 8-bit images. Rank 0 yields every image. Three
+    seeds leave ranks (seeds) or pairs (cfg, N = 4) without a seed in the last round: they
+    sample a filler in step and drop it."""
+    args = ("--seeds", "1,2,3", "--parallel", "seeds,cfg,tensor")
+    res = job(n, "pipe", str(tiny_4head_ckpt), str(tmp_path), *args, timeout=300)
+    assert res.returncodes == [0] * n, res.stderr
+    ref = one_process_pipe
+    own = {  # the seeds rank 0 samples itself
+        "seeds": (1,) if n == 4 else (1, 3),
+        "cfg": (1, 3) if n == 4 else (1, 2, 3),
+        "tensor": (1, 2, 3),
+    }
     for mode in ("seeds", "cfg", "tensor"):
-        out = tmp_path / "2" / mode
-        assert (out / "mode.0").read_text() == (out / "mode.1").read_text() == mode
+        out = tmp_path / mode
+        assert {(out / f"mode.{r}").read_text() for r in range(n)} == {mode}
         for s in (1, 2, 3):
             image, want = np.load(out / f"image-{s}.npy"), np.load(ref / f"image-{s}.npy")
             assert np.array_equal(image, want), (mode, s)
+            sampled = (out / f"latents-{s}.npy").exists()
+            assert sampled == (s in own[mode]), (mode, s)  # the others sampled it
         for s in own[mode]:
             got, want = np.load(out / f"latents-{s}.npy"), np.load(ref / f"latents-{s}.npy")
             if mode == "tensor":
                 assert 0 < rel(got, want) < 1e-5
             else:
                 assert np.array_equal(got, want), (mode, s)
-        assert not (out / "latents-2.npy").exists() or mode != "seeds"  # rank 1 sampled it
 
 
 @pytest.fixture(scope="module")
