@@ -905,6 +905,38 @@ def memory_fits(pipe, req) -> bool:
     return True
 
 
+def job_mode(pipe, req, size: int, fits: bool | None = None) -> str | None:
+    """The mode a job of ``size`` processes runs ``req`` in (``choose_mode`` with the
+    pipeline's ``parallel``); ``fits``: whether one process's plan fits (computed when None
+    and ``auto`` needs it)."""
+    if fits is None:
+        fits = pipe.parallel != "auto" or memory_fits(pipe, req)
+    return choose_mode(
+        pipe.parallel,
+        size,
+        fits=fits,
+        true_cfg=req.cfg_on,
+        seeds=len(req.seeds),
+        config=pipe.transformer_config(),
+        serving=pipe.serving,
+    )
+
+
+def check_job_memory(pipe, req, mode: str | None, size: int) -> None:
+    """Each process's memory plan for ``req`` in ``mode`` (a tensor split holds 1/N of the
+    split weights; a cfg split half the denoising batch): ``MemoryLimitError`` with what
+    would fit, or with ``pipe.memory_guard`` off (``--ignore-memory-limit``) a warning."""
+    from qwen_mlx.memory import MemoryLimitError
+
+    try:
+        pipe.check_memory(req, split=mode, processes=size)
+    except MemoryLimitError as e:
+        if pipe.memory_guard:
+            raise
+        if pipe.world is None or pipe.world.is_main:
+            print(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", file=sys.stderr)
+
+
 def prepare_request(pipe, request, world: World):
     """``pipe.prepare(request)`` on every rank, as one: a rank that fails fails them all (its
     input files may differ from rank 0's), the seeds are rank 0's (it drew any random one),
@@ -923,17 +955,14 @@ def run_generate(pipe, request, cancel=None):
     (a step, or what comes before the first) is guarded by the timeout."""
     world = pipe.world
     req = prepare_request(pipe, request, world)
-    with world.agree("choosing the parallel mode"):
+    with world.agree("checking memory"):
         fits = pipe.parallel != "auto" or memory_fits(pipe, req)
-        mode = choose_mode(
-            pipe.parallel,
-            world.size,
-            fits=fits,
-            true_cfg=req.cfg_on,
-            seeds=len(req.seeds),
-            config=pipe.transformer_config(),
-            serving=pipe.serving,
-        )
+    # every rank's answer counts (Macs differ): one that does not fit makes it tensor for all
+    short = world.all_max(mx.array([int(not fits)], dtype=mx.int32), "checking memory")
+    fits = not int(np.array(short)[0])
+    with world.agree("choosing the parallel mode"):
+        mode = job_mode(pipe, req, world.size, fits)
+        check_job_memory(pipe, req, mode, world.size)  # on each rank, against its memory
     components = pipe.components
     want = world if mode == "tensor" else None
     if components.tensor_world is not want:

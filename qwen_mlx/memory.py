@@ -80,6 +80,11 @@ class Request:
     text_encoder_bits: int | None = None  # language model quantized on load to this many bits
     controlnet_weights: int = 0  # a ControlNet's bytes once loaded (Components prices it)
     controlnet_activations: int = 0  # its residuals, held through the transformer's forward
+    # one process of an mlx.launch job (qwen_mlx.distributed): "cfg" computes one CFG branch
+    # (half the denoising batch); "tensor" holds 1/processes of the split transformer weights
+    # (its activations are counted whole: an upper bound); "seeds" is one process's plan
+    split: str | None = None
+    processes: int = 1
 
 
 @dataclass
@@ -111,8 +116,10 @@ class Estimate:
         if stage == "decode" and self.request.low_memory:
             held = ["vae"]
         weights = sum(self.weights[c] for c in held)
+        r = self.request
+        each = f" per process (--parallel {r.split}, {r.processes} processes)" if r.split else ""
         return (
-            f"{gib(self.peak)} while {STAGE_VERBS[stage]} ({' + '.join(held)} weights "
+            f"{gib(self.peak)}{each} while {STAGE_VERBS[stage]} ({' + '.join(held)} weights "
             f"{gib(weights)}, activations {gib(self.activations.get(stage, 0))})"
         )
 
@@ -270,10 +277,22 @@ def estimate(
         rule = _dtype_rule(comp, configs.get(comp, {}), request, load_dtype)
         loaded = loaded_tensors(tensors[comp], comp)
         bits_of = None
+        n = request.processes if request.split == "tensor" else 1
         if comp == "transformer":
             loaded, bits_of = _transformer_plan(loaded, configs.get(comp, {}), request, load_dtype)
         elif comp == "text_encoder" and request.text_encoder_bits:
             bits_of = _text_encoder_bits(request)
+        if comp == "transformer" and n > 1:  # this process's slices (distributed.weight_axis)
+            from qwen_mlx.distributed import weight_axis
+
+            rename = (lambda name: name) if load_dtype is None else _mlx_name
+            part = {k: v for k, v in loaded.items() if weight_axis(rename(k)) is not None}
+            whole = {k: v for k, v in loaded.items() if k not in part}
+            weights[comp] = (
+                weight_bytes(whole, rule, None, request.group_size, bits_of)
+                + weight_bytes(part, rule, None, request.group_size, bits_of) // n
+            )
+            continue
         weights[comp] = weight_bytes(loaded, rule, None, request.group_size, bits_of)
     t = configs.get("transformer", {})
     heads = int(t.get("num_attention_heads", 24))
@@ -293,7 +312,11 @@ def estimate(
         * int(te.get("hidden_size", 3584))
         * TEXT_BYTES_PER_TOKEN_UNIT,
         "denoise": transformer_activations(
-            inner, heads, request.batch * (2 if request.cfg else 1), tokens + text_tokens, plan
+            inner,
+            heads,
+            request.batch * (2 if request.cfg and request.split != "cfg" else 1),
+            tokens + text_tokens,
+            plan,
         ),
         "decode": request.batch
         * vae_activations(

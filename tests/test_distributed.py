@@ -282,6 +282,41 @@ def test_pipeline_modes_match_one_process(tiny_4head_ckpt, one_process_pipe, n, 
                 assert np.array_equal(got, want), (mode, s)
 
 
+def test_memory_picks_and_refuses_per_process(tiny_4head_ckpt, tmp_path):
+    """Memory under mlx.launch is each process's plan in the job's mode: with a limit between
+    the tensor share and one process's plan, --parallel auto runs tensor (one seed, true CFG:
+    cfg otherwise) and the image is one process's; below the tensor share every rank refuses
+    the job in one line naming the per-process plan, before it starts."""
+    from qwen_mlx import GenerationRequest, QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_4head_ckpt))
+    request = GenerationRequest(  # dist_worker's
+        prompt="a red fox", negative_prompt="blurry, a long negative prompt", width=32,
+        height=32, steps=2, cfg=4.0, seeds=(1,),
+    )  # fmt: skip
+    req = pipe.prepare(request)
+    one = pipe.memory_estimate(req).peak
+    tensor = pipe.memory_estimate(req, split="tensor", processes=2).peak
+    assert tensor < one
+    args = ("pipe", str(tiny_4head_ckpt))
+    env = {"QWEN_MLX_MEMORY_LIMIT": str((one + tensor) // 2)}
+    ok = job(2, *args, str(tmp_path / "ok"), "--parallel", "auto", env=env, timeout=300)
+    assert ok.returncodes == [0, 0], ok.stderr
+    assert (tmp_path / "ok" / "auto" / "mode.1").read_text() == "tensor"
+    ref = job(1, *args, str(tmp_path / "one"), timeout=300)
+    assert ref.returncodes == [0], ref.stderr
+    got = np.load(tmp_path / "ok" / "auto" / "image-1.npy").astype(int)
+    assert np.abs(got - np.load(tmp_path / "one" / "None" / "image-1.npy")).max() <= 1
+
+    env = {"QWEN_MLX_MEMORY_LIMIT": str(tensor - 1)}
+    no = job(2, *args, str(tmp_path / "no"), "--parallel", "auto", env=env, timeout=300)
+    assert no.returncodes == [1, 1], no.stderr
+    (line,) = [x for x in no.stderr[0].splitlines() if "error" in x]
+    assert "per process (--parallel tensor, 2 processes)" in line, line
+    assert not any("error" in x for x in no.stderr[1].splitlines()), no.stderr[1]
+    assert not (tmp_path / "no" / "auto" / "mode.0").exists()
+
+
 @pytest.fixture(scope="module")
 def edit_ckpt(tmp_path_factory):
     """A tiny Edit-2509/2511 checkpoint with a 4-head transformer (N = 2 divides the heads)."""

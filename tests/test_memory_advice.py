@@ -141,3 +141,45 @@ def test_dry_run_and_info_name_what_would_fit(fullsize_checkpoint, monkeypatch, 
     lines = res.output.splitlines()
     i = lines.index("does not fit; would fit:")
     assert lines[i + 1 : i + 3] == advice[1:]
+
+
+def test_one_process_of_an_mlx_launch_job(released, fullsize_checkpoint, monkeypatch):
+    """The per-process plan of a job on the released checkpoint (1024², bf16, modulation
+    loaded). Tensor over 2 holds 0.501 of the transformer's weights and over 4 0.252: the
+    split is priced from the headers by ``distributed.weight_axis`` on the converter's names,
+    and matches the share of a sharded model's own parameters (scripts/bench_distributed.py:
+    0.501, 0.252). cfg halves the denoising activations and keeps every weight. Under 30 GiB
+    one process does not fit; ``info --processes 2 --parallel tensor`` says each of two
+    does."""
+    from typer.testing import CliRunner
+
+    from qwen_mlx.cli import app
+
+    tensors, configs, load_dtype = released
+
+    def est(**kw):
+        return memory.estimate(tensors, Request(**kw), configs, load_dtype)
+
+    one = est()
+    for n, share in ((2, 0.501), (4, 0.252)):
+        part = est(split="tensor", processes=n)
+        ratio = part.weights["transformer"] / one.weights["transformer"]
+        assert abs(ratio - share) < 0.001, (n, ratio)
+        assert part.weights["text_encoder"] == one.weights["text_encoder"]
+        assert part.activations == one.activations  # counted whole: an upper bound
+    cfg = est(split="cfg", processes=2)
+    assert cfg.weights == one.weights
+    assert cfg.activations["denoise"] * 2 == one.activations["denoise"]
+    assert est(split="seeds", processes=2).stages == one.stages
+
+    monkeypatch.setenv(memory.MEMORY_ENV, "30GiB")
+    runner = CliRunner()
+    base = ["info", str(fullsize_checkpoint), "--no-adaln-cache"]
+    res = runner.invoke(app, base)
+    assert res.exit_code == 0 and "does not fit" in res.output, res.output
+    res = runner.invoke(app, [*base, "--processes", "2", "--parallel", "tensor"])
+    assert res.exit_code == 0, res.output
+    assert "per process (--parallel tensor, 2 processes)" in res.output
+    assert "does not fit" not in res.output
+    res = runner.invoke(app, [*base, "--processes", "5"])
+    assert res.exit_code == 2 and "5 processes do not divide them" in res.output, res.output

@@ -192,7 +192,12 @@ def run(
         from qwen_mlx.cli.info import memory_lines
 
         auto = quantize_text_encoder == "auto"
-        lines, fits = memory_lines(pipe.source, pipe.memory_request(request), auto)
+        parallel_plan = {}
+        if world.distributed:  # rank 0's share of the job in the mode it would run
+            from qwen_mlx.distributed import job_mode
+
+            parallel_plan = dict(split=job_mode(pipe, request, world.size), processes=world.size)
+        lines, fits = memory_lines(pipe.source, pipe.memory_request(request, **parallel_plan), auto)
         for line in lines:
             typer.echo(line)
         typer.echo(
@@ -204,14 +209,15 @@ def run(
         return
     with world.agree("checking memory and LoRAs"):
         try:
-            # several processes: tensor (or auto, which picks it when this fails) splits the
-            # transformer, so one process's plan does not apply
-            if not (world.distributed and parallel in ("auto", "tensor")):
+            # several processes: the job checks each process's share once it knows the mode
+            # (distributed.check_job_memory)
+            if not world.distributed:
                 pipe.check_memory(request)
         except memory.MemoryLimitError as e:
             if not ignore_memory_limit:
                 raise
             typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+        pipe.memory_guard = not ignore_memory_limit
         for path, scale in loras:
             pipe.load_lora(path, scale)  # checked against the transformer's shapes here
 

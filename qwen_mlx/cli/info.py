@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from qwen_mlx.cli.common import user_errors
+from qwen_mlx.cli.common import UserError, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +41,12 @@ def info(
         bool, typer.Option("--adaln-cache/--no-adaln-cache", help="Estimate with the adaLN cache")
     ] = True,
     cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="True CFG (doubled batch)")] = True,
+    processes: Annotated[
+        int, typer.Option(help="Estimate one process of an mlx.launch job of this many")
+    ] = 1,
+    parallel: Annotated[
+        str, typer.Option(help="With --processes: how the job splits (cfg, seeds, tensor)")
+    ] = "tensor",
 ) -> None:
     """Components, parameter counts, dtypes and estimated peak memory of a model (from the
     safetensors headers: nothing is loaded, downloaded or converted)."""
@@ -56,6 +62,10 @@ def info(
         if quantize is not None:
             check_bits(quantize)
         te_bits = text_encoder_bits(quantize_text_encoder, quantize)
+        if processes < 1 or processes > 64:
+            raise UserError(f"--processes must be in 1-64, got {processes}")
+        if parallel not in ("cfg", "seeds", "tensor"):
+            raise UserError(f"--parallel must be cfg, seeds or tensor, got {parallel!r}")
         request = memory.Request(
             width,
             height,
@@ -65,6 +75,8 @@ def info(
             quant_bits=quantize,
             adaln_cache=adaln_cache,
             text_encoder_bits=te_bits,
+            split=parallel if processes > 1 else None,
+            processes=processes,
         )
         if is_hub_id(model) and not Path(model).expanduser().exists():
             from qwen_mlx.remote import hub_headers
@@ -102,6 +114,17 @@ def info(
         typer.echo(f"auto precision on this machine: {name} ({why})")
         if source is not None:
             tensors, configs, load_dtype = memory.source_inputs(source)
+        if processes > 1:
+            from qwen_mlx.distributed import check_tensor_parallel
+
+            config = configs.get("transformer", {})
+            if parallel == "tensor":
+                try:
+                    check_tensor_parallel(config, processes, quantize)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+            elif parallel == "cfg" and (processes % 2 or not cfg):
+                raise UserError("--parallel cfg needs --cfg and an even --processes")
         quantized = quantize or "quantization" in configs.get("transformer", {})
         if quantized:
             request = dataclasses.replace(request, vae_tile=memory.LEAN_DECODE_TILE)
@@ -143,4 +166,6 @@ def memory_lines(source, request, text_encoder_auto: bool = True) -> tuple[list[
     )
     if request.controlnet_weights:
         what += f"; ControlNet {memory.gib(request.controlnet_weights)}"
+    if request.split:
+        what += f"; one process of {request.processes} (--parallel {request.split})"
     return [what, *check.lines()], check.fits

@@ -419,10 +419,13 @@ class Components:
         low_memory: bool = False,
         batch: int = 1,
         controlnet: bool = False,
+        split: str | None = None,
+        processes: int = 1,
     ) -> memory.Request:
         """What a generation of this size asks of memory with these components' settings
         (``controlnet``: the loaded ControlNet runs: its weights and its residuals, held
-        through the transformer's forward, count while denoising)."""
+        through the transformer's forward, count while denoising; ``split``, ``processes``:
+        one process's share of an ``mlx.launch`` job, see ``memory.Request``)."""
         extra = {}
         if controlnet and self._controlnet is not None:
             from qwen_mlx.models.controlnet import residual_bytes
@@ -445,6 +448,8 @@ class Components:
             vae_tile=self.decode_tile_size or 128,
             adaln_cache=self.adaln_cache,
             text_encoder_bits=self.text_encoder_bits,
+            split=split if processes > 1 else None,
+            processes=processes,
             **extra,
         )
 

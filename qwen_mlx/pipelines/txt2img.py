@@ -226,6 +226,7 @@ class QwenImagePipeline:
 
     cfg_split = None  # set by qwen_mlx.distributed under --parallel cfg (the Denoiser's hook)
     serving = False  # set by the server: under mlx.launch, --parallel auto takes every request
+    memory_guard = True  # under mlx.launch, refuse a job whose per-process plan does not fit
     default_strength: float | None = 0.6  # img2img / inpaint (None: the pipeline takes none)
 
     @property
@@ -695,19 +696,23 @@ class QwenImagePipeline:
         if req.mask is not None:
             self.encode_mask(req.mask, req.height, req.width)  # checks the mask
 
-    def memory_request(self, req: GenerationRequest) -> memory.Request:
-        """What a prepared request asks of memory (the one place it is built)."""
+    def memory_request(
+        self, req: GenerationRequest, split: str | None = None, processes: int = 1
+    ) -> memory.Request:
+        """What a prepared request asks of memory (the one place it is built); ``split``:
+        of one process of an N-process job in that ``--parallel`` mode."""
         return self.components.memory_request(
             req.width, req.height, req.cfg_on, req.max_sequence_length, req.low_memory,
-            controlnet=bool(req.control_images),
+            controlnet=bool(req.control_images), split=split, processes=processes,
         )  # fmt: skip
 
-    def memory_estimate(self, req: GenerationRequest) -> memory.Estimate:
-        return memory.source_estimate(self.source, self.memory_request(req))
+    def memory_estimate(self, req: GenerationRequest, **parallel) -> memory.Estimate:
+        return memory.source_estimate(self.source, self.memory_request(req, **parallel))
 
-    def check_memory(self, req: GenerationRequest) -> memory.Estimate:
-        """The estimate, or ``MemoryLimitError`` with what would fit."""
-        return memory.check_source(self.source, self.memory_request(req))
+    def check_memory(self, req: GenerationRequest, **parallel) -> memory.Estimate:
+        """The estimate, or ``MemoryLimitError`` with what would fit (``parallel``: ``split``
+        and ``processes``, see ``memory_request``)."""
+        return memory.check_source(self.source, self.memory_request(req, **parallel))
 
     def metadata(self, req: GenerationRequest, seed: int) -> dict:
         """What each PNG carries: the request, the seed and how the model ran."""

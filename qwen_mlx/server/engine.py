@@ -221,10 +221,13 @@ class Engine:
                 f"({self.max_steps}); ask for fewer steps"
             )
         try:
-            # several processes: tensor (or auto, which picks it when this fails) splits the
-            # transformer, so one process's plan does not apply
-            if not (self.world is not None and self.pipe.parallel in ("auto", "tensor")):
+            if self.world is None:
                 self.pipe.check_memory(request)
+            else:  # rank 0's view of its share now; every process checks its own in the job
+                from qwen_mlx.distributed import job_mode
+
+                mode = job_mode(self.pipe, request, self.world.size)
+                self.pipe.check_memory(request, split=mode, processes=self.world.size)
         except memory.MemoryLimitError as e:  # the advice, less the CLI-only flag
             check = getattr(e, "check", None)
             advice = check.summary() if check is not None else str(e)
