@@ -987,10 +987,10 @@ def generate(pipe, request, cancel, world: World, mode: str):
     order (``run_generate`` passes rank 0's events on).
 
     seeds: rank r samples seeds r, r + N, ...; cfg: pair p = r // 2 samples seeds p, p + N/2,
-    ... A rank (or pair) left without a seed in the last round samples a filler and drops it:
-    it would only have waited for the others, and so every rank runs the same steps (cfg's
-    all_gather and a ``SharedCancel``'s check stay in step). After each round the images meet
-    on every rank (one all_gather) and rank 0 yields them.
+    ... A pair (cfg) left without a seed in the last round samples a filler and drops it, to
+    keep every step's all_gather in step; so does a rank under seeds when a ``SharedCancel``
+    checks every step (a server). It would only have waited for the others. After each round
+    the images meet on every rank (one all_gather) and rank 0 yields them.
     """
     from PIL import Image
 
@@ -1007,7 +1007,10 @@ def generate(pipe, request, cancel, world: World, mode: str):
     )
     mine = seeds[unit::workers]
     rounds = -(-len(seeds) // workers)
-    filler = len(mine) < rounds
+    # cfg pairs exchange velocities every step, and a SharedCancel checks every step: both need
+    # every rank stepping; otherwise (seeds from the CLI) a rank out of seeds just waits
+    lockstep = mode == "cfg" or isinstance(cancel, SharedCancel)
+    filler = lockstep and len(mine) < rounds
     if filler:
         mine.append(seeds[-1])
     owner = mode == "seeds" or world.rank % 2 == 0  # whose images rank 0 keeps
