@@ -52,6 +52,18 @@ def tiny_4head_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_edit_4head_ckpt(tmp_path_factory):
+    """A tiny Edit-2509/2511 checkpoint (converted, float32) with a 4-head transformer: 2 and 4
+    processes divide its heads. Shared by the distributed tests."""
+    from helpers import convert_tiny
+    from tiny_edit import build_edit_checkpoint
+
+    root = tmp_path_factory.mktemp("dist-edit")
+    src, _ = build_edit_checkpoint(root / "src", "plus", num_attention_heads=4)
+    return convert_tiny(src, root / "mlx")
+
+
+@pytest.fixture(scope="session")
 def fullsize_checkpoint(tmp_path_factory):
     """The released Qwen-Image checkpoint's layout at full size, header-only: every shard is its
     safetensors header followed by a hole (no disk used). For what reads headers only (memory

@@ -317,29 +317,17 @@ def test_memory_picks_and_refuses_per_process(tiny_4head_ckpt, tmp_path):
     assert not (tmp_path / "no" / "auto" / "mode.0").exists()
 
 
-@pytest.fixture(scope="module")
-def edit_ckpt(tmp_path_factory):
-    """A tiny Edit-2509/2511 checkpoint with a 4-head transformer (N = 2 divides the heads)."""
-    from tiny_edit import build_edit_checkpoint
-
-    root = tmp_path_factory.mktemp("dist-edit")
-    src, _ = build_edit_checkpoint(root / "src", "plus", num_attention_heads=4)
-    return convert_tiny(src, root / "mlx")
-
-
-def test_edit_modes_match_one_process(edit_ckpt, tmp_path):
+def test_edit_modes_match_one_process(tiny_edit_4head_ckpt, tmp_path):
     """Edit-2509/2511 (two input images, true CFG, 2 steps, two seeds): one 2-process job
     running seeds, cfg and tensor gives one process's images: seeds and cfg identical, tensor
     within one 8-bit level."""
     from tiny_edit import TEST_CONDITION_AREA, TEST_VAE_AREA
 
     args = ("--seeds", "4,7", "--edit", f"{TEST_VAE_AREA},{TEST_CONDITION_AREA}")
-    one = job(1, "pipe", str(edit_ckpt), str(tmp_path / "1"), *args, timeout=300)
+    one = job(1, "pipe", str(tiny_edit_4head_ckpt), str(tmp_path / "1"), *args, timeout=300)
     assert one.returncodes == [0], one.stderr
-    two = job(
-        2, "pipe", str(edit_ckpt), str(tmp_path / "2"), *args, "--parallel", "seeds,cfg,tensor",
-        timeout=300,
-    )  # fmt: skip
+    modes = ("--parallel", "seeds,cfg,tensor")
+    two = job(2, "pipe", str(tiny_edit_4head_ckpt), str(tmp_path / "2"), *args, *modes, timeout=300)
     assert two.returncodes == [0, 0], two.stderr
     for mode in ("seeds", "cfg", "tensor"):
         assert (tmp_path / "2" / mode / "mode.1").read_text() == mode

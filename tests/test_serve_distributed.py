@@ -57,10 +57,13 @@ class Group:
     started by hand on a loopback hostfile (``ranks=True``: what the launcher does, keeping
     each rank's process)."""
 
-    def __init__(self, ckpt: Path, tmp: Path, *args: str, ranks: bool = False):
+    def __init__(
+        self, ckpt: Path, tmp: Path, *args: str, ranks: bool = False, cli: list[str] | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        serve = [str(BIN / "qwen-mlx"), "serve", "--model", str(ckpt), "--port", str(self.port)]
+        cli = cli or [str(BIN / "qwen-mlx")]
+        serve = [*cli, "serve", "--model", str(ckpt), "--port", str(self.port)]
         env = {**os.environ, **ENV}
         self.logs = [tmp / f"serve-{self.port}-{r}.log" for r in range(2)]
         files = [open(p, "wb") for p in self.logs]  # noqa: SIM115 - the processes own them
@@ -221,3 +224,50 @@ def test_serve_tensor_parallel_and_a_lost_process(tiny_4head_ckpt, tmp_path):
         "error: stopped: another process of the job failed or stopped while checking the "
         "other processes"
     ], text
+
+
+def test_serve_edit_under_two_processes(tiny_edit_4head_ckpt, tmp_path):
+    """An Edit-2509/2511 server over two processes (ranks started by hand; the tiny models'
+    small sizing areas, tests/small_edit_cli.py): the uploaded image travels to rank 1 as PNG
+    and the OpenAI edit (true CFG: cfg mode) is pixel-identical to one process's edit."""
+    import base64
+    import io
+
+    from PIL import Image
+    from tiny_edit import TEST_CONDITION_AREA, TEST_VAE_AREA
+
+    from qwen_mlx import GenerationRequest
+    from qwen_mlx.pipelines.edit import QwenImageEditPipeline
+    from qwen_mlx.request import ImageResult
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    upload = io.BytesIO()
+    picture.save(upload, format="PNG")
+    pipe = QwenImageEditPipeline.from_pretrained(str(tiny_edit_4head_ckpt))
+    pipe.vae_image_area, pipe.condition_image_area = TEST_VAE_AREA, TEST_CONDITION_AREA
+    req = GenerationRequest(
+        prompt="give it a hat", negative_prompt=NEGATIVE, steps=2, cfg=4.0, seeds=(3,),
+        images=(picture,), image_names=("hat.png",),
+    )  # fmt: skip
+    (want,) = [e for e in pipe.generate(req) if isinstance(e, ImageResult)]
+    cli = [sys.executable, str(Path(__file__).parent / "small_edit_cli.py")]
+    group = Group(tiny_edit_4head_ckpt, tmp_path, ranks=True, cli=cli)
+    try:
+        assert httpx.get(f"{group.url}/api/info").json()["kind"] == "edit"
+        client = openai.OpenAI(base_url=f"{group.url}/v1", api_key="x", max_retries=0)
+        out = client.images.edit(
+            image=("hat.png", upload.getvalue(), "image/png"), prompt="give it a hat",
+            extra_body={"seed": 3, "steps": 2, "cfg": 4.0, "negative_prompt": NEGATIVE},
+        )  # fmt: skip
+        png = base64.b64decode(out.data[0].b64_json)
+        assert png_metadata(png)["images"] == [{"file": "hat.png", "width": 60, "height": 40}]
+        assert np.array_equal(png_pixels(png), np.asarray(want.image.convert("RGB")))
+    except BaseException:
+        print(group.output())
+        raise
+    finally:
+        group.procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(60) for p in group.procs]
+        group.kill()
+    assert codes == [0, 0], group.output()
