@@ -85,6 +85,11 @@ class Request:
     # (its activations are counted whole: an upper bound); "seeds" is one process's plan
     split: str | None = None
     processes: int = 1
+    # images the VAE encodes, (width, height): img2img/inpaint's input at the output size,
+    # Edit's references at their own; Edit's reference latents also join every denoising
+    # step's sequence (reference_tokens)
+    encode_sizes: tuple[tuple[int, int], ...] = ()
+    reference_tokens: int = 0
 
 
 @dataclass
@@ -315,12 +320,23 @@ def estimate(
             inner,
             heads,
             request.batch * (2 if request.cfg and request.split != "cfg" else 1),
-            tokens + text_tokens,
+            tokens + request.reference_tokens + text_tokens,
             plan,
         ),
-        "decode": request.batch
-        * vae_activations(
-            base_dim, request.height, request.width, vae_size, request.vae_tile, scale
+        # the VAE: decoding the result (tiled), or encoding an input (untiled; the encoder's
+        # full-resolution maps priced as the decoder's), whichever is larger; either may run
+        # with the transformer resident (a server, several seeds)
+        "decode": max(
+            [
+                request.batch
+                * vae_activations(
+                    base_dim, request.height, request.width, vae_size, request.vae_tile, scale
+                ),
+                *(
+                    vae_activations(base_dim, h, w, vae_size, None, scale)
+                    for w, h in request.encode_sizes
+                ),
+            ]
         ),
     }
     if request.controlnet_weights:

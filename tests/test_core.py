@@ -244,3 +244,28 @@ def test_shared_cancel_in_a_group_of_one():
     with pytest.raises(Cancelled, match="interrupted") as e:
         shared.check()
     assert in_step(e.value)
+
+
+def test_memory_request_prices_what_the_vae_encodes_and_edit_references(
+    model, edit_model, small_edit_areas
+):
+    """The memory request names what the run really does: Edit-2509/2511's two references are
+    as many tokens beside the noisy latents as ``encode_references`` packs, and the VAE encodes
+    each at its own size; img2img encodes its input at the output size; txt2img nothing."""
+    edit = QwenImageEditPipeline.from_pretrained(edit_model)
+    req = edit.prepare(GenerationRequest(prompt="a hat", images=(picture(60, 40), picture(24, 36))))
+    mem = edit.memory_request(req)
+    refs, _ = edit.encode_references(edit.prepare_images(list(req.images))[1])
+    assert mem.reference_tokens == refs.shape[1] > 0
+    assert len(mem.encode_sizes) == 2
+    assert (
+        edit.memory_estimate(req).activations["denoise"]
+        > edit.memory_estimate(req.replace(images=req.images[:1])).activations["denoise"]
+    )
+
+    pipe = QwenImagePipeline.from_pretrained(model)
+    plain = pipe.prepare(GenerationRequest(prompt="a fox", **SMALL))
+    assert pipe.memory_request(plain).encode_sizes == ()
+    img2img = pipe.prepare(GenerationRequest(prompt="a fox", images=(picture(),), **SMALL))
+    assert pipe.memory_request(img2img).encode_sizes == ((32, 48),)
+    assert pipe.memory_request(img2img).reference_tokens == 0

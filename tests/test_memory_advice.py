@@ -183,3 +183,18 @@ def test_one_process_of_an_mlx_launch_job(released, fullsize_checkpoint, monkeyp
     assert "does not fit" not in res.output
     res = runner.invoke(app, [*base, "--processes", "5"])
     assert res.exit_code == 2 and "5 processes do not divide them" in res.output, res.output
+
+
+def test_references_and_encoding_are_priced(released):
+    """Edit's references join the denoising sequence (1024² result + one 1024² reference:
+    8192 image tokens + 512 text instead of 4096 + 512, activations linear in tokens on a
+    Mac); the VAE encodes untiled, so a lean-tiled decode does not hide an input's encode."""
+    tensors, configs, load_dtype = released
+
+    def act(**kw):
+        return memory.estimate(tensors, Request(**kw), configs, load_dtype).activations
+
+    plain, edit = act(), act(reference_tokens=4096, encode_sizes=((1024, 1024),))
+    assert edit["denoise"] * (4096 + 512) == plain["denoise"] * (8192 + 512)
+    lean = act(vae_tile=64, encode_sizes=((1024, 1024),))
+    assert lean["decode"] == act(vae_tile=None)["decode"] > act(vae_tile=64)["decode"]

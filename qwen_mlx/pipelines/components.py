@@ -421,6 +421,8 @@ class Components:
         controlnet: bool = False,
         split: str | None = None,
         processes: int = 1,
+        encode_sizes: tuple[tuple[int, int], ...] = (),
+        reference_tokens: int = 0,
     ) -> memory.Request:
         """What a generation of this size asks of memory with these components' settings
         (``controlnet``: the loaded ControlNet runs: its weights and its residuals, held
@@ -450,6 +452,8 @@ class Components:
             text_encoder_bits=self.text_encoder_bits,
             split=split if processes > 1 else None,
             processes=processes,
+            encode_sizes=encode_sizes,
+            reference_tokens=reference_tokens,
             **extra,
         )
 

@@ -219,6 +219,16 @@ class QwenImageEditPipeline(QwenImagePipeline):
         height, width = self.edit_size(list(req.images), req.height, req.width)
         return width, height
 
+    def encode_sizes(self, req: GenerationRequest) -> tuple[tuple[int, int], ...]:
+        """Each reference image's size for the VAE (``prepare_images``)."""
+        images = _as_images(list(req.images))[: None if self.plus else 1]
+        return tuple(edit_dimensions(self.vae_image_area, *im.size) for im in images)
+
+    def reference_tokens(self, req: GenerationRequest) -> int:
+        """The references' latent tokens, which join every step's sequence."""
+        cell = self.vae_scale * PATCH
+        return sum((w // cell) * (h // cell) for w, h in self.encode_sizes(req))
+
     def check_images(self, req: GenerationRequest) -> None:
         if req.mask is not None or req.strength is not None:
             raise RequestError("Edit takes no mask or strength (those are img2img/inpaint)")

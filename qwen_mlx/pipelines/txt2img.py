@@ -704,7 +704,17 @@ class QwenImagePipeline:
         return self.components.memory_request(
             req.width, req.height, req.cfg_on, req.max_sequence_length, req.low_memory,
             controlnet=bool(req.control_images), split=split, processes=processes,
+            encode_sizes=self.encode_sizes(req), reference_tokens=self.reference_tokens(req),
         )  # fmt: skip
+
+    def encode_sizes(self, req: GenerationRequest) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each image the VAE encodes for ``req`` (hook: Edit's
+        references): img2img and inpaint encode the input at the output size."""
+        return ((req.width, req.height),) if req.images else ()
+
+    def reference_tokens(self, req: GenerationRequest) -> int:
+        """Image tokens beside the noisy latents in every step (hook: Edit's references)."""
+        return 0
 
     def memory_estimate(self, req: GenerationRequest, **parallel) -> memory.Estimate:
         return memory.source_estimate(self.source, self.memory_request(req, **parallel))
