@@ -229,7 +229,8 @@ def test_serve_tensor_parallel_and_a_lost_process(tiny_4head_ckpt, tmp_path):
 def test_serve_edit_under_two_processes(tiny_edit_4head_ckpt, tmp_path):
     """An Edit-2509/2511 server over two processes (ranks started by hand; the tiny models'
     small sizing areas, tests/small_edit_cli.py): the uploaded image travels to rank 1 as PNG
-    and the OpenAI edit (true CFG: cfg mode) is pixel-identical to one process's edit."""
+    and the OpenAI edit (true CFG: cfg mode) is pixel-identical to one process's edit. Ctrl-C
+    (SIGINT to every rank) ends both with exit 0: the follower waits for rank 0's stop."""
     import base64
     import io
 
@@ -266,8 +267,9 @@ def test_serve_edit_under_two_processes(tiny_edit_4head_ckpt, tmp_path):
     except BaseException:
         print(group.output())
         raise
-    finally:
-        group.procs[0].send_signal(signal.SIGTERM)
+    finally:  # Ctrl-C in a terminal: SIGINT to every rank; rank 0 stops the group in step
+        for p in group.procs:
+            p.send_signal(signal.SIGINT)
         codes = [p.wait(60) for p in group.procs]
         group.kill()
     assert codes == [0, 0], group.output()
