@@ -130,3 +130,17 @@ def test_the_page_uploads_images_to_edit(server, inputs):
             assert "seed 3" in page.inner_text("#gallery figcaption")
         finally:
             browser.close()
+
+
+def test_an_edit_model_warms_up_too(model):
+    """``serve`` warms an Edit model up like a text-to-image one: a 1-step edit of a small grey
+    image at the smallest size loads the weights, so the first request loads nothing."""
+    from qwen_mlx.server.engine import Engine
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QwenImageEditPipeline, "vae_image_area", TEST_VAE_AREA)
+        mp.setattr(QwenImageEditPipeline, "condition_image_area", TEST_CONDITION_AREA)
+        engine = Engine.load(str(model))
+        assert engine.pipe.components.loaded() == []
+        engine.warm_up()
+    assert {"transformer", "vae"} <= set(engine.pipe.components.loaded())

@@ -324,12 +324,17 @@ class Engine:
                 mx.clear_cache()  # as rank 0's worker does after each job
 
     def warm_up(self) -> None:
-        """Load every weight (a 1-step run at the smallest size), so the first request does not
-        pay for it. An Edit model needs an image: it loads on its first request."""
-        if self.edit:
-            return
+        """Load every weight (a 1-step run at the smallest size; an Edit model edits a small
+        grey image), so the first request does not pay for it."""
+        from PIL import Image
+
         size = self.multiple
-        plan = self.check(Params("warm-up", width=size, height=size, steps=1, seed=0))
+        images = (Image.new("RGB", (size, size), (128, 128, 128)),) if self.edit else ()
+        names = ("warm-up.png",) if images else ()
+        params = Params(
+            "warm-up", width=size, height=size, steps=1, seed=0, images=images, image_names=names
+        )
+        plan = self.check(params)
         for _ in self.run(plan, CancelToken(), lambda s: None):
             pass
 
