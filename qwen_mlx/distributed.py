@@ -376,9 +376,11 @@ def in_step(error: BaseException) -> bool:
 
 
 class SharedCancel:
-    """Rank 0's cancel token as every rank sees it: ``check()`` (before every step and every
-    decode, the same number of times on every rank) is one ``all_max`` of rank 0's flag, so
-    every rank raises ``Cancelled`` at the same step and the group stays in step."""
+    """A cancel token every rank sees: ``check()`` (before every step and every decode, the
+    same number of times on every rank) is one ``all_max`` of the ranks' flags, so a cancel on
+    any rank (a server's rank 0; any rank of a script) makes every rank raise ``Cancelled`` at
+    the same step, and the group stays in step. ``local``: this rank's token (None: never
+    cancelled here, a server's followers)."""
 
     def __init__(self, world: World, local=None) -> None:
         self.world, self.local = world, local
@@ -394,9 +396,10 @@ class SharedCancel:
     def check(self) -> None:
         from qwen_mlx.errors import Cancelled
 
-        flag = mx.array([int(self.world.is_main and self.cancelled)], dtype=mx.int32)
+        flag = mx.array([int(self.cancelled)], dtype=mx.int32)
         if int(np.array(self.world.all_max(flag, "checking for a cancel"))[0]):
-            error = Cancelled(getattr(self.local, "reason", "cancelled"))
+            reason = getattr(self.local, "reason", "cancelled") if self.cancelled else "cancelled"
+            error = Cancelled(reason)
             error.in_step = True
             raise error
 
@@ -414,7 +417,7 @@ def error_line(e: BaseException) -> str | None:
     )
     if rank == 0:
         return text
-    if isinstance(e, DistributedError) or peer_lost(e) or getattr(e, "reported_to_peers", False):
+    if isinstance(e, DistributedError) or peer_lost(e) or in_step(e):  # rank 0 reports it
         return None
     return f"rank {rank}: {text}"
 
@@ -438,7 +441,7 @@ def report_errors(world: World, prog: str = "qwen-mlx") -> Iterator[None]:
             text = one_line(e)
         if world.is_main:
             sys.stderr.write(f"{prog}: error: {text}\n")
-        elif not isinstance(e, DistributedError) and not getattr(e, "reported_to_peers", False):
+        elif not isinstance(e, DistributedError) and not in_step(e):
             sys.stderr.write(f"{prog}: error: rank {world.rank}: {text}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
@@ -969,6 +972,8 @@ def run_generate(pipe, request, cancel=None):
         components.free("transformer")
         components.tensor_world = want
     pipe.parallel_mode = mode
+    if cancel is not None and not isinstance(cancel, SharedCancel):
+        cancel = SharedCancel(world, cancel)  # a script's token: every rank passes one
     events = iter(generate(pipe, req, cancel, world, mode))
     while True:
         with world.watchdog.guard("a denoising step"):

@@ -17,7 +17,9 @@ MODE in turn; rank 0 writes OUT/MODE/latents-<seed>.npy (the last step's, for th
 sampled itself) and OUT/MODE/image-<seed>.npy for every image it yields, every rank
 OUT/MODE/mode.<rank> (the mode the job ran). ``--edit``: an Edit checkpoint, editing two
 fixed images; ``--lora``: a LoRA loaded (scale 0.8) before the first generation;
-``--cache``: a step cache; ``--controlnet``: a ControlNet with a fixed control image (0.8).
+``--cache``: a step cache; ``--controlnet``: a ControlNet with a fixed control image (0.8);
+``--cancel-on-rank R``: every rank passes a CancelToken, rank R cancels its own (rank 0 after
+its first step, another at once).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def load(folder: Path, world: World, quantize: int | None, mode: str) -> QwenIma
 def pipe(args) -> None:
     """One pipeline, each mode of ``--parallel`` (comma-separated) in turn: one job startup."""
     from qwen_mlx import GenerationRequest, QwenImagePipeline
-    from qwen_mlx.pipelines.denoise import StepEvent
+    from qwen_mlx.pipelines.denoise import CancelToken, StepEvent
     from qwen_mlx.pipelines.edit import QwenImageEditPipeline
 
     modes = args.parallel.split(",") if args.parallel else [None]
@@ -102,9 +104,14 @@ def pipe(args) -> None:
             pipe.parallel = mode
             out = args.out / str(mode)
             out.mkdir(parents=True, exist_ok=True)
-            for event in pipe.generate(req):
+            token = CancelToken()
+            if args.cancel_on_rank is not None and world.rank == args.cancel_on_rank > 0:
+                token.cancel()  # a rank that sees no events cancels at once
+            for event in pipe.generate(req, cancel=token):
                 if isinstance(event, StepEvent):
                     np.save(out / f"latents-{event.seed}.npy", np.array(event.latents))
+                    if args.cancel_on_rank == 0:
+                        token.cancel()  # rank 0: after its first step
                 else:
                     np.save(out / f"image-{event.seed}.npy", np.asarray(event.image))
                     (out / f"meta-{event.seed}.json").write_text(json.dumps(event.metadata))
@@ -127,6 +134,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="pipe: a step cache (--cache's spec)")
     ap.add_argument("--steps", type=int, default=2, help="pipe: denoising steps")
     ap.add_argument("--controlnet", default=None, help="pipe: this ControlNet, a control image")
+    ap.add_argument("--cancel-on-rank", type=int, default=None, help="pipe: this rank cancels")
     args = ap.parse_args()
     if args.mode == "pipe":
         return pipe(args)

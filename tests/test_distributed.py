@@ -249,6 +249,23 @@ def one_process_pipe(tiny_4head_ckpt, tmp_path_factory) -> Path:
     return out / "None"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_cancel_on_any_rank_stops_every_rank(tiny_4head_ckpt, rank, tmp_path):
+    """Every rank passes a CancelToken to ``pipe.generate`` (cfg mode, three seeds); one rank
+    cancels its own (rank 0 after its first step, rank 1 before any): the check before each
+    step is shared, so both ranks raise Cancelled at the same step, exit 1 at once (no rank
+    left waiting in a collective), rank 0 saying why in one line, and no image comes out."""
+    args = ("--seeds", "1,2,3", "--parallel", "cfg", "--cancel-on-rank", str(rank))
+    res = job(2, "pipe", str(tiny_4head_ckpt), str(tmp_path), *args, timeout=120)
+    assert res.returncodes == [1, 1], res.stderr
+    errors = [x for x in res.stderr[0].splitlines() if "error" in x]
+    assert errors == ["qwen-mlx: error: cancelled"], res.stderr[0]
+    assert not any("error" in x for x in res.stderr[1].splitlines()), res.stderr[1]
+    assert not list((tmp_path / "cfg").glob("image-*.npy"))
+    steps = len(list((tmp_path / "cfg").glob("latents-*.npy")))
+    assert steps == (1 if rank == 0 else 0)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_pipeline_modes_match_one_process(tiny_4head_ckpt, one_process_pipe, n, tmp_path):
     """Three seeds, true CFG (a padded negative prompt), 2 steps at 32x32, float32: one
