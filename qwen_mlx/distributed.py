@@ -46,6 +46,7 @@ from mlx.nn.layers.distributed import (
 
 from qwen_mlx.errors import CheckpointError, QwenMLXError
 from qwen_mlx.io import list_shards, safetensors_header
+from qwen_mlx.messages import ignored_memory_limit, one_line
 from qwen_mlx.quantize import GROUP_SIZE
 
 PARALLEL_MODES = ("auto", "cfg", "seeds", "tensor")
@@ -73,12 +74,6 @@ def timeout_seconds() -> float:
     except ValueError:
         value = DEFAULT_TIMEOUT
     return value if value > 0 else DEFAULT_TIMEOUT
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as the single line a user sees."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text
 
 
 def peer_lost(error: BaseException) -> bool:
@@ -237,31 +232,18 @@ class World:
             raise
         return arrays
 
-    def all_gather(self, x: mx.array, what: str = "exchanging results") -> mx.array:
+    def all_gather(
+        self, x: mx.array, what: str = "exchanging results", seconds: float | None = None
+    ) -> mx.array:
         """(size * x.shape[0], ...) : every rank's ``x`` stacked along axis 0, evaluated."""
         if not self.distributed:
             return x
-        return self.run(mx.distributed.all_gather(x, group=self.group), what)
+        return self.run(mx.distributed.all_gather(x, group=self.group), what, seconds)
 
     def all_sum(self, x: mx.array, what: str = "exchanging results") -> mx.array:
         if not self.distributed:
             return x
         return self.run(mx.distributed.all_sum(x, group=self.group), what)
-
-    def share(self, x: mx.array | None, what: str = "sharing data") -> mx.array:
-        """Rank 0's ``x`` on every rank (no broadcast in mx.distributed: the shape travels in
-        an ``all_max``, then an ``all_sum`` where the other ranks add zeros)."""
-        if not self.distributed:
-            return x
-        meta = np.zeros(9, dtype=np.int32)
-        if self.is_main:
-            meta[0] = x.ndim
-            meta[1 : 1 + x.ndim] = x.shape
-            meta[8] = _DTYPES.index(x.dtype)
-        meta = np.array(self.all_max(mx.array(meta), what))
-        shape, dtype = tuple(int(d) for d in meta[1 : 1 + meta[0]]), _DTYPES[int(meta[8])]
-        local = x if self.is_main else mx.zeros(shape, dtype=dtype)
-        return self.all_sum(local, what)
 
     def all_max(
         self, x: mx.array, what: str = "exchanging results", seconds: float | None = None
@@ -292,24 +274,20 @@ class World:
         followers waiting for the next job)."""
         if not self.distributed:
             return value
-        data = json.dumps(value).encode() if self.is_main else b""
-        size = mx.array([len(data)], dtype=mx.int32)
-        n = int(np.array(self.all_max(size, what, seconds))[0])
-        buf = np.zeros((1, max(n, 1)), dtype=np.uint8)
-        buf[0, : len(data)] = np.frombuffer(data, dtype=np.uint8)
-        row = np.array(self.all_gather(mx.array(buf), what))[0]
-        return json.loads(bytes(row[:n]).decode())
+        return self.gather_json(value if self.is_main else None, what, seconds)[0]
 
-    def gather_json(self, value, what: str = "gathering results") -> list:
-        """Every rank's JSON-able ``value``, in rank order, on every rank."""
+    def gather_json(self, value, what: str = "gathering results", seconds=None) -> list:
+        """Every rank's JSON-able ``value``, in rank order, on every rank (one ``all_max`` of
+        the lengths, one ``all_gather``)."""
         if not self.distributed:
             return [value]
         data = json.dumps(value).encode()
-        n = int(np.array(self.all_max(mx.array([len(data)], dtype=mx.int32), what))[0])
+        size = mx.array([len(data)], dtype=mx.int32)
+        n = int(np.array(self.all_max(size, what, seconds))[0])
         buf = np.zeros((1, n + 4), dtype=np.uint8)
         buf[0, :4] = np.frombuffer(np.array([len(data)], dtype="<u4").tobytes(), dtype=np.uint8)
         buf[0, 4 : 4 + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        rows = np.array(self.all_gather(mx.array(buf), what))
+        rows = np.array(self.all_gather(mx.array(buf), what, seconds))
         out = []
         for row in rows:
             size = int(np.frombuffer(row[:4].tobytes(), dtype="<u4")[0])
@@ -389,10 +367,6 @@ class SharedCancel:
     def cancelled(self) -> bool:
         return self.local is not None and self.local.cancelled
 
-    def cancel(self, *args) -> None:
-        if self.local is not None:
-            self.local.cancel(*args)
-
     def check(self) -> None:
         from qwen_mlx.errors import Cancelled
 
@@ -404,17 +378,18 @@ class SharedCancel:
             raise error
 
 
-def error_line(e: BaseException) -> str | None:
-    """How the CLI reports ``e`` in a job of several processes: the line (None: say nothing,
-    rank 0 reports it). Rank 0 says it all; another rank only what rank 0 cannot know (its own
-    error outside a checkpoint)."""
-    world = _WORLD
+def error_line(e: BaseException, world: World | None = None) -> str | None:
+    """How a process of a job reports ``e``: the line (None: say nothing, rank 0 reports it).
+    Rank 0 says it all (its own error, or which rank failed and why); another rank only what
+    rank 0 cannot know (its own error outside a checkpoint). A lost peer reads as such."""
+    world = world or _WORLD
     rank = world.rank if world is not None else 0
-    text = (
-        "another process of the job failed or stopped (lost the connection to it)"
-        if peer_lost(e)
-        else one_line(e)
-    )
+    if isinstance(e, KeyboardInterrupt):
+        text = "interrupted"
+    elif peer_lost(e):
+        text = "another process of the job failed or stopped (lost the connection to it)"
+    else:
+        text = one_line(e)
     if rank == 0:
         return text
     if isinstance(e, DistributedError) or peer_lost(e) or in_step(e):  # rank 0 reports it
@@ -424,32 +399,16 @@ def error_line(e: BaseException) -> str | None:
 
 @contextmanager
 def report_errors(world: World, prog: str = "qwen-mlx") -> Iterator[None]:
-    """Turn any failure into one line on stderr and exit status 1, on every rank.
-
-    Rank 0 prints the job's error (its own, or which rank failed and why); another rank prints
-    only what rank 0 cannot know (an error it raised outside a checkpoint) and otherwise exits
-    quietly. A lost peer ("[ring] connection to a peer was lost") reads as such.
-    """
+    """Turn any failure into ``error_line``'s line on stderr and exit status 1, on every
+    rank (scripts and workers; the CLI has its own exit codes)."""
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place errors end
-        if isinstance(e, KeyboardInterrupt):
-            text = "interrupted"
-        elif peer_lost(e):
-            text = "another process of the job failed or stopped (lost the connection to it)"
-        else:
-            text = one_line(e)
-        if world.is_main:
-            sys.stderr.write(f"{prog}: error: {text}\n")
-        elif not isinstance(e, DistributedError) and not in_step(e):
-            sys.stderr.write(f"{prog}: error: rank {world.rank}: {text}\n")
-        sys.stderr.flush()
+        line = error_line(e, world)
+        if line is not None:
+            sys.stderr.write(f"{prog}: error: {line}\n")
+            sys.stderr.flush()
         raise SystemExit(1) from None
-
-
-_DTYPES = [
-    mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.int64, mx.uint32, mx.uint8, mx.bool_,
-]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- work splits
@@ -511,10 +470,6 @@ def check_parallel(mode: str) -> str:
 def split_seeds(seeds: Sequence[int], rank: int, size: int) -> list[int]:
     """This rank's seeds, dealt round-robin (seed i goes to rank i % size)."""
     return [s for i, s in enumerate(seeds) if i % size == rank]
-
-
-def seed_owner(index: int, size: int) -> int:
-    return index % size
 
 
 @dataclass(frozen=True)
@@ -677,13 +632,6 @@ def _shard_modulation(layer: nn.Module, group: mx.distributed.Group) -> nn.Modul
     if isinstance(layer, nn.Linear):
         return ReplicatedInputShardedLinear.from_linear(layer, group=group)
     return QuantizedReplicatedInputShardedLinear.from_quantized_linear(layer, group=group)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (ShardedToAllLinear, QuantizedShardedToAllLinear))
-        for _, m in model.named_modules()
-    )
 
 
 # ----------------------------------------------------------------------------- reading slices
@@ -898,14 +846,10 @@ def run_local(
 
 
 def memory_fits(pipe, req) -> bool:
-    """Whether one process's memory plan for ``req`` fits this machine."""
-    from qwen_mlx.memory import MemoryLimitError
+    """Whether one process's memory plan for ``req`` fits this machine (no advice priced)."""
+    from qwen_mlx.memory import machine_memory
 
-    try:
-        pipe.check_memory(req)
-    except MemoryLimitError:
-        return False
-    return True
+    return pipe.memory_estimate(req).peak <= machine_memory()[0]
 
 
 def job_mode(pipe, req, size: int, fits: bool | None = None) -> str | None:
@@ -937,7 +881,7 @@ def check_job_memory(pipe, req, mode: str | None, size: int) -> None:
         if pipe.memory_guard:
             raise
         if pipe.world is None or pipe.world.is_main:
-            print(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", file=sys.stderr)
+            print(ignored_memory_limit(e), file=sys.stderr)
 
 
 def prepare_request(pipe, request, world: World):
@@ -1010,7 +954,7 @@ def generate(pipe, request, cancel, world: World, mode: str):
     workers, unit = (
         (world.size, world.rank) if mode == "seeds" else (world.size // 2, world.rank // 2)
     )
-    mine = seeds[unit::workers]
+    mine = split_seeds(seeds, unit, workers)
     rounds = -(-len(seeds) // workers)
     # cfg pairs exchange velocities every step, and a SharedCancel checks every step: both need
     # every rank stepping; otherwise (seeds from the CLI) a rank out of seeds just waits

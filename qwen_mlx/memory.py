@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -276,13 +277,14 @@ def estimate(
     ``configs``: each component's config.json; ``load_dtype``: the dtype an unconverted
     checkpoint is converted to in memory (None for a converted one)."""
     weights = {}
+    rename = _renamer(load_dtype)
+    n = request.processes if request.split == "tensor" else 1
     for comp in COMPONENTS:
         if comp not in tensors:
             continue
         rule = _dtype_rule(comp, configs.get(comp, {}), request, load_dtype)
         loaded = loaded_tensors(tensors[comp], comp)
         bits_of = None
-        n = request.processes if request.split == "tensor" else 1
         if comp == "transformer":
             loaded, bits_of = _transformer_plan(loaded, configs.get(comp, {}), request, load_dtype)
         elif comp == "text_encoder" and request.text_encoder_bits:
@@ -290,7 +292,6 @@ def estimate(
         if comp == "transformer" and n > 1:  # this process's slices (distributed.weight_axis)
             from qwen_mlx.distributed import weight_axis
 
-            rename = (lambda name: name) if load_dtype is None else _mlx_name
             part = {k: v for k, v in loaded.items() if weight_axis(rename(k)) is not None}
             whole = {k: v for k, v in loaded.items() if k not in part}
             weights[comp] = (
@@ -353,7 +354,7 @@ def _transformer_plan(
     from qwen_mlx.models.transformer import MODULATION_WEIGHTS
     from qwen_mlx.quantize import transformer_plan
 
-    rename = (lambda name: name) if load_dtype is None else _mlx_name  # unconverted: map names
+    rename = _renamer(load_dtype)
     if request.adaln_cache:
         tensors = {k: v for k, v in tensors.items() if not MODULATION_WEIGHTS.match(rename(k))}
     if not request.quant_bits:
@@ -377,6 +378,12 @@ def _text_encoder_bits(request: Request):
         return plan.bits_for(name.rsplit(".", 1)[0], info.shape)
 
     return bits_of
+
+
+def _renamer(load_dtype: str | None) -> Callable[[str], str]:
+    """Transformer weight names in this package's naming: as stored in a converted checkpoint;
+    mapped from diffusers' for an unconverted one (``load_dtype`` set)."""
+    return (lambda name: name) if load_dtype is None else _mlx_name
 
 
 def _mlx_name(name: str) -> str:

@@ -16,6 +16,11 @@ def one_line(e: BaseException | str) -> str:
     return text or (type(e).__name__ if isinstance(e, BaseException) else "")
 
 
+def ignored_memory_limit(error: BaseException) -> str:
+    """The warning of a run that goes ahead past the memory guard (``--ignore-memory-limit``)."""
+    return f"warning: {one_line(error)}; going ahead (--ignore-memory-limit)"
+
+
 def warning_line(message: Warning | str, category: type[Warning] = UserWarning) -> str:
     """``warning: <message>`` on one line; a category other than UserWarning is named."""
     text = one_line(message) if str(message).strip() else category.__name__

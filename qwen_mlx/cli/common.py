@@ -12,15 +12,13 @@ from typing import Annotated
 
 import typer
 
+from qwen_mlx.messages import one_line  # noqa: F401 - the CLI modules import it from here
+
 DEBUG_ENV = "QWEN_MLX_DEBUG"  # =1: let tracebacks through
 
 
 class UserError(Exception):
     """A problem with the user's input found by the CLI itself: one line, exit code 2."""
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:

@@ -38,10 +38,10 @@ from qwen_mlx.cli.common import (
     StepsOpt,
     UserError,
     WidthOpt,
-    one_line,
     parse_lora,
     user_errors,
 )
+from qwen_mlx.messages import ignored_memory_limit
 
 
 def register(app: typer.Typer) -> None:
@@ -216,7 +216,7 @@ def run(
         except memory.MemoryLimitError as e:
             if not ignore_memory_limit:
                 raise
-            typer.echo(f"warning: {one_line(e)}; going ahead (--ignore-memory-limit)", err=True)
+            typer.echo(ignored_memory_limit(e), err=True)
         pipe.memory_guard = not ignore_memory_limit
         for path, scale in loras:
             pipe.load_lora(path, scale)  # checked against the transformer's shapes here

@@ -114,17 +114,16 @@ def info(
         typer.echo(f"auto precision on this machine: {name} ({why})")
         if source is not None:
             tensors, configs, load_dtype = memory.source_inputs(source)
-        if processes > 1:
-            from qwen_mlx.distributed import check_tensor_parallel
+        if processes > 1:  # the job's own checks (several seeds assumed for seeds)
+            from qwen_mlx.distributed import check_tensor_parallel, choose_mode
 
             config = configs.get("transformer", {})
-            if parallel == "tensor":
-                try:
+            try:
+                choose_mode(parallel, processes, fits=True, true_cfg=cfg, seeds=2, config=config)
+                if parallel == "tensor":
                     check_tensor_parallel(config, processes, quantize)
-                except ValueError as e:
-                    raise UserError(str(e)) from None
-            elif parallel == "cfg" and (processes % 2 or not cfg):
-                raise UserError("--parallel cfg needs --cfg and an even --processes")
+            except ValueError as e:
+                raise UserError(str(e)) from None
         quantized = quantize or "quantization" in configs.get("transformer", {})
         if quantized:
             request = dataclasses.replace(request, vae_tile=memory.LEAN_DECODE_TILE)

@@ -106,6 +106,10 @@ class Denoiser:
             self.embeds, self.mask = pad_embeddings(*zip(self.prompt, self.negative, strict=True))
         self.t_in = mx.array([float(t) for t in self.timesteps], dtype=mx.float32) / 1000.0
         self.shapes = [list(self.img_shapes)] * self.embeds.shape[0]
+        if self.cfg and self.cfg_split is not None:  # this process computes one branch's rows
+            rows = self.cfg_split.rows(batch)  # (padded with the other branch, as one process)
+            self.embeds, self.shapes = self.embeds[rows], self.shapes[rows]
+            self.mask = None if self.mask is None else self.mask[rows]
 
     @property
     def cfg(self) -> bool:
@@ -124,13 +128,8 @@ class Denoiser:
         x = latents
         if self.reference_latents is not None:
             x = mx.concatenate([x, self.reference_latents], axis=1)
-        embeds, mask, shapes = self.embeds, self.mask, self.shapes
-        split = self.cfg_split if self.cfg else None
-        if split is not None:  # this process's branch only; the other comes in the gather
-            rows = split.rows(self.batch)
-            embeds, shapes = embeds[rows], shapes[rows]
-            mask = None if mask is None else mask[rows]
-        elif self.cfg:
+        split = self.cfg_split if self.cfg else None  # the other branch comes in the gather
+        if self.cfg and split is None:
             x = mx.concatenate([x, x])
         kwargs = {}
         for extra in self.transformer_kwargs:
@@ -138,7 +137,9 @@ class Denoiser:
         model = self.model
         if self.step_cache is not None:
             model = functools.partial(self.step_cache, model)
-        v = model(x, embeds, mask, None, shapes, modulation=self.modulation_at(i), **kwargs)[:, :L]
+        v = model(
+            x, self.embeds, self.mask, None, self.shapes, modulation=self.modulation_at(i), **kwargs
+        )[:, :L]
         if self.cfg:
             cond, uncond = split.gather(v) if split else (v[: self.batch], v[self.batch :])
             v = true_cfg(cond, uncond, self.true_cfg_scale)

@@ -17,6 +17,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen_mlx.messages import one_line
+
 from . import a1111, openai
 from .common import (
     ApiError,
@@ -28,7 +30,7 @@ from .common import (
     worker_of,
 )
 from .engine import Params
-from .jobs import Worker, one_line
+from .jobs import Worker
 
 ERRORS = error_responses(PlainError)  # the web page API's errors
 

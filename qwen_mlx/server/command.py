@@ -91,11 +91,9 @@ def serve(
             engine.warm_up()
         return engine
 
-    stopping: list[str] = []
-    running: list = []
+    running: list = []  # the HTTP server, once it exists
 
     def on_fatal(reason: str) -> None:  # on the worker thread: end the HTTP server
-        stopping.append(reason)
         for server in running:
             server.should_exit = True
 
@@ -115,7 +113,7 @@ def serve(
     )
     server = _server_class()(config, worker)
     running.append(server)
-    server.should_exit = bool(stopping)
+    server.should_exit = worker.fatal is not None
     info = worker.engine.describe()
     group = ""
     if world.distributed:
@@ -128,8 +126,8 @@ def serve(
         server.run()
     finally:
         worker.close()
-    if stopping or worker.fatal:
-        raise ServeError(f"stopped: {stopping[0] if stopping else worker.fatal}")
+    if worker.fatal is not None:
+        raise ServeError(f"stopped: {worker.fatal}")
     log("stopped")
     return 0
 

@@ -14,9 +14,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.messages import one_line
 
 from .engine import Params
-from .jobs import Job, QueueFull, ShuttingDown, Worker, one_line
+from .jobs import Job, QueueFull, ShuttingDown, Worker
 
 
 class ApiError(Exception):

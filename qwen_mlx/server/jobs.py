@@ -17,15 +17,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from qwen_mlx.messages import one_line
+
 from .engine import Cancelled, CancelToken, Engine, Plan, Result, Step
 
 log = logging.getLogger("qwen_mlx.server")
 
 KEEP_FINISHED = 32  # finished jobs kept for their images (url responses, the web page)
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 class QueueFull(Exception):
@@ -285,19 +283,17 @@ class Worker:
             log.debug("closing the engine failed", exc_info=True)
 
     def _serve(self) -> None:
-        idle = self.engine.idle_seconds
+        idle = self.engine.idle_seconds  # None: wait for a job however long it takes
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    if not self._cond.wait(idle) and not self._queue and not self._closed:
-                        break  # idle: let the engine check on its processes
                 if not self._queue and not self._closed:
-                    job = None
-                elif not self._queue:
+                    self._cond.wait(idle)
+                if self._queue:
+                    job = self.current = self._queue.popleft()
+                elif self._closed:
                     return
-                else:
-                    job = self._queue.popleft()
-                self.current = job
+                else:  # idle: let the engine check on its processes
+                    job = None
             if job is None:
                 self.engine.idle()
                 continue
